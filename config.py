@@ -22,7 +22,7 @@ _C.BASE = [""]  # YAML files merged before this one (paths relative to it)
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per process per micro-batch
 _C.DATA.DATA_PATH = ""  # dataset root (train/ and val/ folders, or the zip files)
-_C.DATA.DATASET = "imagenet"  # imagenet (1000 classes) or folder (any ImageFolder; classes counted)
+_C.DATA.DATASET = "imagenet"  # imagenet (1000 classes), folder (any ImageFolder; classes counted) or digits (demo)
 _C.DATA.IMG_SIZE = 224  # input side in pixels
 _C.DATA.INTERPOLATION = "bicubic"  # resize interpolation: random, bilinear or bicubic
 _C.DATA.ZIP_MODE = False  # read train.zip/val.zip with *_map.txt instead of folders
@@ -94,6 +94,8 @@ _C.AUG.CUTMIX_MINMAX = None  # CutMix box ratio bounds (None: from alpha)
 _C.AUG.MIXUP_PROB = 1.0  # probability of applying Mixup or CutMix to a batch
 _C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of CutMix instead of Mixup when both are on
 _C.AUG.MIXUP_MODE = "batch"  # batch, pair or elem
+_C.AUG.HFLIP = 0.5  # horizontal flip probability (0: off)
+_C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range, as fractions of the image
 
 # Testing
 _C.TEST = CN()

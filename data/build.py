@@ -1,0 +1,156 @@
+"""``build_loader(config)``: datasets, distributed loaders and Mixup from the config, after checking the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from yacs.config import CfgNode
+
+from config import ConfigError
+
+from .digits import prepare_digits
+from .errors import DataError
+from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
+from .samplers import ShardedEvalSampler, ShardRandomSampler
+from .transforms import build_mixup, build_transform
+from .zip_dataset import CACHE_MODES, ZipImageDataset, parse_map_file
+
+DATASETS = ("imagenet", "folder", "digits")
+ZIP_LAYOUT = "<root>/train.zip, <root>/train_map.txt, <root>/val.zip, <root>/val_map.txt"
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size from ``torch.distributed``, or (0, 1) when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_config(config: CfgNode) -> None:
+    if config.DATA.DATASET not in DATASETS:
+        raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} must be one of {', '.join(DATASETS)}.")
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
+        raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} must be one of {', '.join(CACHE_MODES)}.")
+    if config.DATA.ZIP_MODE and config.DATA.DATASET == "digits":
+        raise ConfigError("DATA.DATASET digits is written as folders; turn DATA.ZIP_MODE off (drop --zip).")
+    if config.DATA.BATCH_SIZE < 1:
+        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be positive.")
+
+
+def _data_root(config: CfgNode) -> Path:
+    """``DATA.DATA_PATH`` as an existing folder; the digits demo is written there (or to its default) first."""
+    if config.DATA.DATASET == "digits":
+        return prepare_digits(config.DATA.DATA_PATH or None)
+    if not config.DATA.DATA_PATH:
+        raise DataError(
+            "DATA.DATA_PATH is empty; pass --data-path /path/to/dataset (a folder laid out as "
+            f"{LAYOUT}), or try the built-in demo with --cfg configs/digits.yaml."
+        )
+    root = Path(config.DATA.DATA_PATH).expanduser()
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist; check --data-path (DATA.DATA_PATH).")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder; --data-path must be the folder holding train/ and val/.")
+    return root
+
+
+def _zip_files(root: Path, split: str) -> tuple[Path, Path]:
+    zip_path, map_path = root / f"{split}.zip", root / f"{split}_map.txt"
+    for path in (zip_path, map_path):
+        if not path.is_file():
+            raise DataError(f"zip mode: {path} does not exist; expected {ZIP_LAYOUT} (or drop --zip for folders).")
+    return zip_path, map_path
+
+
+def _set(config: CfgNode, key: str, value: object) -> None:
+    """Set ``config.<key>`` (two levels), keeping the frozen state."""
+    frozen = config.is_frozen()
+    config.defrost()
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    if frozen:
+        config.freeze()
+
+
+def _set_num_classes(config: CfgNode, num_classes: int, root: Path) -> None:
+    if config.DATA.DATASET == "imagenet" and num_classes != config.MODEL.NUM_CLASSES:
+        raise DataError(
+            f"{root} has {num_classes} classes but DATA.DATASET imagenet expects MODEL.NUM_CLASSES "
+            f"{config.MODEL.NUM_CLASSES}; for another dataset pass --opts DATA.DATASET folder (classes are counted)."
+        )
+    _set(config, "MODEL.NUM_CLASSES", num_classes)
+
+
+def _build_datasets(config: CfgNode, root: Path, train: bool, rank: int, world: int) -> tuple[Dataset | None, Dataset]:
+    """Check the data under ``root``, set ``MODEL.NUM_CLASSES``, then build the (train, val) datasets."""
+    tf_train = build_transform(True, config) if train else None
+    tf_val = build_transform(False, config)
+    if config.DATA.ZIP_MODE:
+        val_files = _zip_files(root, "val")
+        train_files = _zip_files(root, "train") if train else None
+        val_samples = parse_map_file(val_files[1])
+        train_map = train_files[1] if train_files else root / "train_map.txt"
+        train_samples = parse_map_file(train_map) if train or train_map.is_file() else []
+        _set_num_classes(config, max(label for _, label in val_samples + train_samples) + 1, root)
+        mode = config.DATA.CACHE_MODE
+        ds_val = ZipImageDataset(*val_files, tf_val, mode, rank, world, samples=val_samples)
+        ds_train = ZipImageDataset(*train_files, tf_train, mode, rank, world, samples=train_samples) if train else None
+        return ds_train, ds_val
+    val_classes = check_split_folder(root, "val")
+    if train:
+        check_same_classes(root, check_split_folder(root, "train"), val_classes)
+    _set_num_classes(config, len(val_classes), root)
+    ds_train = build_image_folder(root, "train", tf_train) if train else None
+    return ds_train, build_image_folder(root, "val", tf_val)
+
+
+def _train_sampler(config: CfgNode, dataset: Dataset, rank: int, world: int) -> Sampler[int]:
+    n = len(dataset)
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+        # Each process only holds its shard; all take len // world per epoch so every rank runs the same steps.
+        sampler: Sampler[int] = ShardRandomSampler(range(rank, n, world), n // world, seed=config.SEED)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
+    if len(sampler) < config.DATA.BATCH_SIZE:
+        raise DataError(
+            f"the training set {config.DATA.DATA_PATH} ({n} images over {world} process(es)) gives each process "
+            f"{len(sampler)} images, fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}, so an epoch would have no "
+            f"full batch; lower --batch-size or add images."
+        )
+    return sampler
+
+
+def build_loader(
+    config: CfgNode,
+) -> tuple[Dataset | None, Dataset, DataLoader | None, DataLoader, Mixup | None]:
+    """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this process.
+
+    Sets ``MODEL.NUM_CLASSES`` from the data (and ``DATA.DATA_PATH`` for the digits demo). In ``EVAL_MODE`` the
+    training entries and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before anything is loaded.
+    """
+    _check_config(config)
+    rank, world = dist_rank_world()
+    train = not config.EVAL_MODE
+    root = _data_root(config)
+    if config.DATA.DATASET == "digits":
+        _set(config, "DATA.DATA_PATH", str(root))
+    ds_train, ds_val = _build_datasets(config, root, train, rank, world)
+
+    workers = config.DATA.NUM_WORKERS
+    common = {
+        "batch_size": config.DATA.BATCH_SIZE,
+        "num_workers": workers,
+        "pin_memory": bool(config.DATA.PIN_MEMORY and torch.cuda.is_available()),
+        "persistent_workers": workers > 0,
+    }
+    loader_train = None
+    if ds_train is not None:
+        sampler = _train_sampler(config, ds_train, rank, world)
+        loader_train = DataLoader(ds_train, sampler=sampler, drop_last=True, **common)
+    loader_val = DataLoader(ds_val, sampler=ShardedEvalSampler(len(ds_val), rank, world), drop_last=False, **common)
+    mixup_fn = build_mixup(config) if train else None
+    return ds_train, ds_val, loader_train, loader_val, mixup_fn

@@ -1,0 +1,38 @@
+"""Run logs: every process writes ``log_rank<R>.txt`` in the output folder; rank 0 also prints, in colour."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from termcolor import colored
+
+_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = "dfvt") -> logging.Logger:
+    """A logger writing to ``output_dir/log_rank<dist_rank>.txt`` and, on rank 0, to stdout."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if dist_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(
+            logging.Formatter(
+                colored("[%(asctime)s %(name)s]", "green")
+                + colored("(%(filename)s %(lineno)d)", "yellow")
+                + ": %(levelname)s %(message)s",
+                datefmt=_DATEFMT,
+            )
+        )
+        logger.addHandler(console)
+    os.makedirs(output_dir, exist_ok=True)
+    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"), mode="a")
+    file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATEFMT))
+    logger.addHandler(file_handler)
+    return logger

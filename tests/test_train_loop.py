@@ -1,0 +1,113 @@
+"""main.train_one_epoch and friends: accumulation, schedule stepping, precision and loss choice."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+from config import load_config
+from main import Precision, build_criterion, choose_precision, train_one_epoch
+from utils import DistEnv
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class StepRecorder:
+    """Records the step indices the loop hands to the LR scheduler."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def step_update(self, num_updates: int) -> None:
+        self.calls.append(num_updates)
+
+
+@pytest.mark.parametrize("accum,n_micro", [(1, 5), (3, 7), (2, 6)])
+def test_accumulation_applies_mean_gradient_once_per_n_micro_batches(accum, n_micro):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    reference = copy.deepcopy(model)
+    batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(n_micro)]
+    config = load_config(None, ["TRAIN.ACCUMULATION_STEPS", str(accum), "TRAIN.CLIP_GRAD", "0.0", "PRINT_FREQ", "1"])
+    lr = 0.5
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    steps_taken = []
+    original_step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps_taken.append(1), original_step(*a, **k))[1]
+    recorder = StepRecorder()
+    epoch = 2
+    train_one_epoch(
+        config,
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        optimizer,
+        epoch,
+        None,
+        recorder,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Precision(None, False),
+        CPU,
+        logging.getLogger("test"),
+    )
+    n_steps = n_micro // accum
+    assert len(steps_taken) == n_steps
+    assert recorder.calls == [epoch * n_steps + s for s in range(1, n_steps + 1)]
+    # Independent computation: each step subtracts lr × the mean of its micro-batch gradients.
+    loss_fn = nn.CrossEntropyLoss()
+    for s in range(n_steps):
+        grads = []
+        for x, y in batches[s * accum : (s + 1) * accum]:
+            reference.zero_grad()
+            loss_fn(reference(x), y).backward()
+            grads.append([p.grad.clone() for p in reference.parameters()])
+        with torch.no_grad():
+            for i, p in enumerate(reference.parameters()):
+                p -= lr * torch.stack([g[i] for g in grads]).mean(0)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_clipping_bounds_the_applied_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(100 * torch.randn(8, 6), torch.randint(0, 4, (8,)))]
+    config = load_config(None, ["TRAIN.CLIP_GRAD", "0.01"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_one_epoch(
+        config,
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        optimizer,
+        0,
+        None,
+        StepRecorder(),
+        torch.amp.GradScaler("cpu", enabled=False),
+        Precision(None, False),
+        CPU,
+        logging.getLogger("test"),
+    )
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert delta.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_precision_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O0"]), cpu) == Precision(None, False)
+    assert choose_precision(load_config(None, ["AMP_ENABLE", "False"]), cuda) == Precision(None, False)
+    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O1"]), cuda) == Precision(torch.float16, True)
+    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O2"]), cpu) == Precision(torch.bfloat16, False)
+
+
+def test_criterion_follows_mixup_and_smoothing():
+    assert isinstance(build_criterion(load_config(), mixup_active=True), SoftTargetCrossEntropy)
+    assert isinstance(build_criterion(load_config(), mixup_active=False), LabelSmoothingCrossEntropy)
+    plain = build_criterion(load_config(None, ["MODEL.LABEL_SMOOTHING", "0.0"]), mixup_active=False)
+    assert type(plain) is nn.CrossEntropyLoss

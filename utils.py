@@ -1,0 +1,145 @@
+"""Distributed-run helpers and metric meters shared by the training, evaluation and throughput modes."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: its global rank, the number of processes, its node-local rank and device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(local_rank_arg: int | None = None) -> DistEnv:
+    """Join the process group when a launcher started several processes; otherwise run alone.
+
+    ``torchrun`` and ``torch.distributed.launch`` set ``RANK``/``WORLD_SIZE`` (and ``LOCAL_RANK``);
+    the older launcher may instead pass ``--local-rank``/``--local_rank``, given here as
+    ``local_rank_arg``. The backend is NCCL with CUDA, gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if local_rank_arg is not None:
+        local_rank = local_rank_arg
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method="env://",
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if use_cuda else None,
+        )
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op when running alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum each value over all processes (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SmoothedValue:
+    """Tracks a series: the median and mean of a recent window, and the global average.
+
+    Args:
+        window: how many recent values the smoothed figures use.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.recent: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.recent.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def value(self) -> float:
+        return self.recent[-1] if self.recent else float("nan")
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.recent)) if self.recent else float("nan")
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.recent)) if self.recent else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the model's state_dict (names, dtypes, shapes, bytes): equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in unwrap_model(model).state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
