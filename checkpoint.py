@@ -1,17 +1,35 @@
-"""Checkpoint files: atomic saving, safe loading, and restoring a run's state from them."""
+"""Checkpoint files: atomic saving, safe loading (ours and the upstream format), and restoring runs from them."""
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import pickle
+import random
+import re
 import tempfile
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
+CONFIGS = Path(__file__).parent / "configs"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names where, and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------- saving
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -40,15 +58,202 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU and CUDA) generator states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+# Globals an upstream checkpoint may name: tensor rebuilding, plain containers and yacs configs. Nothing else
+# is ever imported or called while reading a file.
+_ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "object"),
+    ("copyreg", "_reconstructor"),
+    ("yacs.config", "CfgNode"),
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the allow-listed globals and torch dtypes; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+class _RestrictedPickleModule:
+    """The ``pickle_module`` handed to ``torch.load`` for files ``weights_only`` cannot read."""
+
+    Unpickler = _RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(file, **kwargs) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_file(path: str) -> Any:
-    """Read a checkpoint file on the CPU without executing pickled code (``weights_only``)."""
-    if not os.path.isfile(path):
+    """Read a checkpoint on the CPU without ever running pickled code.
+
+    Files of this repo load with ``weights_only=True``; upstream files (a pickled yacs ``CfgNode``
+    as ``config``) go through a restricted unpickler that admits only tensors, containers and
+    ``CfgNode``. Anything else raises :class:`CheckpointError` naming the file and the problem.
+    """
+    if not os.path.exists(path):
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path given to --resume/--pretrained.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {path} is not a file; pass the .pth file itself.")
+    corrupt = (
+        f"Checkpoint {path} cannot be read: the file is truncated, corrupt or not a PyTorch checkpoint "
+        f"(a failed copy or download?); use another copy."
+    )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as first:
+        if not zipfile.is_zipfile(path) and "Weights only load failed" not in str(first):
+            raise CheckpointError(f"{corrupt} ({_first_line(first)})") from first
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{corrupt} ({_first_line(e)})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except pickle.UnpicklingError as e:
+        match = re.search(r"refused global (\S+)", str(e))
+        if match:
+            raise CheckpointError(
+                f"Checkpoint {path} was refused: its pickle asks for {match.group(1)}, which is not a tensor, "
+                f"container or config, so it could run code; nothing from it was executed. Load only checkpoints "
+                f"from sources you trust."
+            ) from e
+        raise CheckpointError(f"{corrupt} ({_first_line(e)})") from e
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{corrupt} ({_first_line(e)})") from e
+
+
+def model_state_of(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` inside a checkpoint (``ckpt["model"]``) or a raw state_dict file."""
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            f"Checkpoint {path} cannot be read ({reason}); the file is truncated, corrupt or not a PyTorch "
-            f"checkpoint: use another checkpoint."
-        ) from e
+            f"Checkpoint {path} holds no model weights (expected a 'model' state_dict or a raw state_dict); "
+            f"pass a DFvT checkpoint."
+        )
+    # Weights saved from a DistributedDataParallel or compiled wrapper carry a name prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def architecture_of(state: dict[str, torch.Tensor]) -> tuple | None:
+    """(embed dim, depths, heads, MLP ratio) read off a DFvT state_dict, or None if it is not one."""
+    try:
+        embed = state["patch_embed.proj2.weight"].shape[0]
+        depths, heads = [], []
+        i = 0
+        while f"layers.{i}.blocks.0.norm1.weight" in state:
+            depths.append(len({k.split(".")[3] for k in state if k.startswith(f"layers.{i}.blocks.")}))
+            heads.append(state[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+            i += 1
+        mlp = state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed
+    except (KeyError, IndexError, ZeroDivisionError):
+        return None
+    return embed, tuple(depths), tuple(heads), mlp
+
+
+def suggest_config(state: dict[str, torch.Tensor]) -> str:
+    """A hint naming the config in ``configs/`` whose architecture the weights have, if any."""
+    from config import load_config  # deferred: config.py is only needed for this hint
+
+    arch = architecture_of(state)
+    if arch is None:
+        return "these weights are not a DFvT model"
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        m = load_config(str(path)).MODEL.DFVT
+        if (m.EMBED_DIM, tuple(m.DEPTHS), tuple(m.NUM_HEADS), m.MLP_RATIO) == arch:
+            name = {"tiny": "DFvT-T", "small": "DFvT-S", "base": "DFvT-B"}.get(path.stem, path.stem)
+            return f"this looks like {name}: use configs/{path.name}"
+    embed, depths, heads, mlp = arch
+    return f"its architecture is EMBED_DIM {embed}, DEPTHS {list(depths)}, NUM_HEADS {list(heads)}, MLP_RATIO {mlp}"
+
+
+def load_model_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """Load ``state`` into ``model`` strictly (except keys in ``ignore``), or explain the mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in ignore]
+    unexpected = [k for k in state if k not in own and k not in ignore]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and k not in ignore and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", wrong))
+            if items
+        )
+        raise CheckpointError(f"Checkpoint {path} does not fit this model ({details}); {suggest_config(state)}.")
+    model.load_state_dict({k: v for k, v in state.items() if k not in ignore}, strict=not ignore)
+
+
+def find_resumable(folder: str, logger: logging.Logger) -> tuple[str, Any] | None:
+    """The newest ``ckpt_epoch_<N>.pth`` in ``folder`` that loads, with its contents; broken ones are skipped."""
+    candidates = []
+    for path in glob.glob(os.path.join(folder, "ckpt_epoch_*.pth")):
+        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
+        if match:
+            candidates.append((int(match.group(1)), path))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            ckpt = load_file(path)
+        except CheckpointError as e:
+            logger.warning(f"auto-resume: skipping {path}: {e}")
+            continue
+        if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+        logger.warning(f"auto-resume: skipping {path}: it holds no training state")
+    return None

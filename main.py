@@ -24,7 +24,17 @@ from timm.utils import distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import CheckpointError, atomic_save, load_file
+from checkpoint import (
+    CheckpointError,
+    NonFiniteLossError,
+    atomic_save,
+    capture_rng_state,
+    find_resumable,
+    load_file,
+    load_model_weights,
+    model_state_of,
+    restore_rng_state,
+)
 from config import ConfigError, get_default_config, update_config
 from data import DataError, build_loader
 from logger import create_logger
@@ -127,6 +137,7 @@ def train_one_epoch(
     accum = config.TRAIN.ACCUMULATION_STEPS
     steps = len(loader) // accum
     loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
+    skipped = 0
     start = end = time.time()
     for idx, (samples, targets) in enumerate(loader):
         if idx >= steps * accum:
@@ -143,18 +154,26 @@ def train_one_epoch(
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)
             scaler.scale(loss / accum).backward()
+        loss_value = loss.item()
+        step = idx // accum + 1
+        if not math.isfinite(loss_value) and not scaler.is_enabled():
+            raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {step}/{steps}")
         if not last_micro:
             continue
         scaler.unscale_(optimizer)
         clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(optimizer)
         scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() < scale_before:
+            skipped += 1  # the scaler found inf/NaN gradients and skipped this step
         optimizer.zero_grad(set_to_none=True)
-        step = (idx + 1) // accum
         lr_scheduler.step_update(epoch * steps + step)
+        if not math.isfinite(loss_value):
+            continue
 
-        loss_meter.update(loss.item(), targets.size(0))
+        loss_meter.update(loss_value, targets.size(0))
         norm_meter.update(grad_norm.item())
         time_meter.update(time.time() - end)
         end = time.time()
@@ -168,10 +187,17 @@ def train_one_epoch(
                 f"time {time_meter.value:.4f} ({time_meter.global_avg:.4f})\t"
                 f"loss {loss_meter.value:.4f} ({loss_meter.global_avg:.4f})\t"
                 f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
-                f"mem {memory:.0f}MB"
+                f"mem {memory:.0f}MB" + (f"\tskipped steps {skipped}" if scaler.is_enabled() else "")
             )
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
-    return {"loss": loss_meter.global_avg, "grad_norm": norm_meter.global_avg, "epoch_time": time.time() - start}
+    if skipped:
+        logger.warning(f"EPOCH {epoch}: the grad scaler skipped {skipped} of {steps} steps (inf/NaN gradients)")
+    return {
+        "loss": loss_meter.global_avg,
+        "grad_norm": norm_meter.global_avg,
+        "epoch_time": time.time() - start,
+        "skipped_steps": skipped,
+    }
 
 
 @torch.no_grad()
@@ -237,7 +263,17 @@ def throughput(config, loader, model: nn.Module, precision: Precision, env: Dist
     return rate
 
 
-def checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch: int, max_accuracy: float) -> dict:
+def gather_rng_states(env: DistEnv) -> list[dict]:
+    """Every process's generator states, indexed by rank (all processes must call this together)."""
+    state = capture_rng_state()
+    if not env.distributed:
+        return [state]
+    states: list = [None] * env.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch: int, max_accuracy: float, rng) -> dict:
     """Everything a run needs to continue, as tensors and plain containers (loadable with ``weights_only``)."""
     return {
         "model": unwrap_model(model).state_dict(),
@@ -247,37 +283,53 @@ def checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch: int,
         "epoch": epoch,
         "max_accuracy": max_accuracy,
         "config": config.dump(),
+        "rng": rng,
     }
 
 
-def resume_from(config, model, optimizer, lr_scheduler, scaler, logger: logging.Logger) -> float:
-    """Load ``MODEL.RESUME`` into the model (and, when training, the optimizer state); returns its max accuracy."""
-    path = config.MODEL.RESUME
-    logger.info(f"==============> Resuming from {path}....................")
-    ckpt = load_file(path)
-    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if not isinstance(state, dict):
-        raise CheckpointError(f"Checkpoint {path} holds no model state_dict; pass a checkpoint written by this repo.")
+def _load_optional(what: str, target, state, path: str, logger: logging.Logger) -> None:
+    """Load a piece of training state, skipping (with a warning) one written by another setup."""
     try:
-        unwrap_model(model).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"Checkpoint {path} does not fit MODEL.NAME {config.MODEL.NAME}: {str(e).splitlines()[1].strip()}; "
-            f"use the config the checkpoint was trained with."
-        ) from e
-    logger.info(f"Loaded model weights from {path} (strict)")
-    max_accuracy = 0.0
-    if not config.EVAL_MODE and isinstance(ckpt, dict) and "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        config.defrost()
-        config.TRAIN.START_EPOCH = ckpt["epoch"] + 1
-        config.freeze()
-        max_accuracy = ckpt.get("max_accuracy", 0.0)
-        logger.info(f"Resumed optimizer, schedule and scaler; continuing at epoch {config.TRAIN.START_EPOCH}")
-    return max_accuracy
+        target.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        logger.warning(f"{path}: its {what} state does not fit this run and was skipped ({e})")
+
+
+def restore_training_state(config, ckpt, path: str, optimizer, lr_scheduler, scaler, env: DistEnv, logger) -> float:
+    """Continue a run from ``ckpt``: optimizer, schedule, scaler, next epoch and generators; returns max accuracy."""
+    if "optimizer" in ckpt:
+        _load_optional("optimizer", optimizer, ckpt["optimizer"], path, logger)
+    if "lr_scheduler" in ckpt:
+        _load_optional("LR scheduler", lr_scheduler, ckpt["lr_scheduler"], path, logger)
+    if "scaler" in ckpt:
+        _load_optional("grad scaler", scaler, ckpt["scaler"], path, logger)
+    elif "amp" in ckpt:
+        logger.warning(f"{path}: apex loss-scaler state ignored; torch.amp's GradScaler starts afresh")
+    config.defrost()
+    config.TRAIN.START_EPOCH = int(ckpt["epoch"]) + 1
+    config.freeze()
+    rng = ckpt.get("rng")
+    if isinstance(rng, list) and len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    else:
+        logger.warning(f"{path}: no generator state for {env.world_size} process(es); randomness restarts from SEED")
+    logger.info(f"Resumed optimizer, schedule and scaler; continuing at epoch {config.TRAIN.START_EPOCH}")
+    return float(ckpt.get("max_accuracy", 0.0))
+
+
+def load_pretrained(config, model: nn.Module, logger: logging.Logger) -> None:
+    """Fine-tuning start: weights only, strictly, except a classifier whose class count differs (re-initialised)."""
+    path = config.MODEL.PRETRAINED
+    state = model_state_of(load_file(path), path)
+    head = [k for k in ("head.weight", "head.bias") if k in state or k in model.state_dict()]
+    own = model.state_dict()
+    if any(k not in state or k not in own or state[k].shape != own[k].shape for k in head):
+        classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+        logger.info(f"{path}: head re-initialised ({classes} classes in the file, {config.MODEL.NUM_CLASSES} here)")
+        load_model_weights(model, state, path, ignore=tuple(head))
+    else:
+        load_model_weights(model, state, path)
+    logger.info(f"Loaded pretrained weights from {path}")
 
 
 def run(config, env: DistEnv, logger: logging.Logger) -> None:
@@ -304,8 +356,18 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
         throughput(config, loader_val, model, precision, env, logger)
         return
 
-    steps_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS if loader_train is not None else 1
-    if loader_train is not None and steps_per_epoch == 0:
+    if config.EVAL_MODE:
+        if not config.MODEL.RESUME:
+            raise CheckpointError("--eval needs the checkpoint to evaluate: add --resume CKPT.")
+        path = config.MODEL.RESUME
+        load_model_weights(model_without_ddp, model_state_of(load_file(path), path), path)
+        logger.info(f"Loaded model weights from {path} (strict: every key and shape matched)")
+        acc1, _, _ = validate(config, loader_val, model, precision, env, logger)
+        logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
+        return
+
+    steps_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
+    if steps_per_epoch == 0:
         raise DataError(
             f"The training set gives {len(loader_train)} batches of {config.DATA.BATCH_SIZE} per process, fewer than "
             f"TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS}; lower --batch-size or add images."
@@ -315,15 +377,24 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
 
     max_accuracy = 0.0
-    if config.EVAL_MODE:
-        if not config.MODEL.RESUME:
-            raise CheckpointError("--eval needs the checkpoint to evaluate: add --resume CKPT.")
-        resume_from(config, model_without_ddp, optimizer, lr_scheduler, scaler, logger)
-        acc1, _, _ = validate(config, loader_val, model, precision, env, logger)
-        logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
-        return
-    if config.MODEL.RESUME:
-        max_accuracy = resume_from(config, model_without_ddp, optimizer, lr_scheduler, scaler, logger)
+    resume_path, ckpt = config.MODEL.RESUME, None
+    if config.TRAIN.AUTO_RESUME:
+        found = find_resumable(config.OUTPUT, logger)
+        if found:
+            if resume_path and resume_path != found[0]:
+                logger.warning(f"auto-resume: {found[0]} is newer than --resume {resume_path}; resuming from it")
+            resume_path, ckpt = found
+    if resume_path:
+        logger.info(f"==============> Resuming from {resume_path}....................")
+        ckpt = ckpt if ckpt is not None else load_file(resume_path)
+        load_model_weights(model_without_ddp, model_state_of(ckpt, resume_path), resume_path)
+        if isinstance(ckpt, dict) and "epoch" in ckpt:
+            max_accuracy = restore_training_state(
+                config, ckpt, resume_path, optimizer, lr_scheduler, scaler, env, logger
+            )
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(config, model_without_ddp, logger)
+    last_saved = resume_path or None
 
     criterion = build_criterion(config, mixup_fn is not None)
     logger.info("Start training")
@@ -331,34 +402,42 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
         if hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            config,
-            model,
-            criterion,
-            loader_train,
-            optimizer,
-            epoch,
-            mixup_fn,
-            lr_scheduler,
-            scaler,
-            precision,
-            env,
-            logger,
-        )
+        try:
+            train_one_epoch(
+                config,
+                model,
+                criterion,
+                loader_train,
+                optimizer,
+                epoch,
+                mixup_fn,
+                lr_scheduler,
+                scaler,
+                precision,
+                env,
+                logger,
+            )
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(
+                f"{e}; stopped without saving. Last good checkpoint: {last_saved or 'none yet'}. "
+                f"Lower TRAIN.BASE_LR or check the data, then resume from it."
+            ) from e
         if env.distributed:
             # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
             distribute_bn(model, env.world_size, reduce=True)
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"Training loss is {stats['loss']} at epoch {epoch}; lower the LR.")
         acc1, _, _ = validate(config, loader_val, model, precision, env, logger)
         is_best = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
         last = epoch == config.TRAIN.EPOCHS - 1
-        if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or last or is_best):
-            path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
-            state = checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch, max_accuracy)
-            atomic_save(state, path)
-            logger.info(f"{path} saved")
+        if (epoch + 1) % config.SAVE_FREQ == 0 or last or is_best:
+            rng = gather_rng_states(env)
+            if env.is_main:
+                path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
+                atomic_save(
+                    checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, rng), path
+                )
+                logger.info(f"{path} saved")
+            last_saved = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
         logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
@@ -388,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(json.loads(json.dumps(config, default=list)), f, indent=2)
         logger.info(f"rank {env.rank}/{env.world_size}, device {env.device}\n{config.dump()}")
         run(config, env, logger)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
         logger.error(f"{type(e).__name__}: {e}")
         return 2
     finally:

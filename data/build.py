@@ -145,7 +145,8 @@ def build_loader(
         "batch_size": config.DATA.BATCH_SIZE,
         "num_workers": workers,
         "pin_memory": bool(config.DATA.PIN_MEMORY and torch.cuda.is_available()),
-        "persistent_workers": workers > 0,
+        # Fresh workers each epoch draw their seeds from the main RNG, which a checkpoint restores: exact resume.
+        "persistent_workers": False,
     }
     loader_train = None
     if ds_train is not None:

@@ -10,11 +10,13 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from checkpoint import NonFiniteLossError
 from config import load_config
 from main import Precision, build_criterion, choose_precision, train_one_epoch
 from utils import DistEnv
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+FP32 = Precision(None, False)
 
 
 class StepRecorder:
@@ -111,3 +113,48 @@ def test_criterion_follows_mixup_and_smoothing():
     assert isinstance(build_criterion(load_config(), mixup_active=False), LabelSmoothingCrossEntropy)
     plain = build_criterion(load_config(None, ["MODEL.LABEL_SMOOTHING", "0.0"]), mixup_active=False)
     assert type(plain) is nn.CrossEntropyLoss
+
+
+class NaNAfter(nn.Module):
+    """A linear model whose output becomes NaN from its ``n``-th call on."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x)
+        return out * float("nan") if self.calls >= self.n else out
+
+
+def _epoch(model, scaler, precision=FP32):
+    batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(4)]
+    return train_one_epoch(
+        load_config(None, ["PRINT_FREQ", "1"]),
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        1,
+        None,
+        StepRecorder(),
+        scaler,
+        precision,
+        CPU,
+        logging.getLogger("test"),
+    )
+
+
+def test_non_finite_loss_stops_with_epoch_and_step():
+    with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 1, step 2/4"):
+        _epoch(NaNAfter(2), torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_grad_scaler_skips_non_finite_steps_and_counts_them():
+    torch.manual_seed(0)
+    model = NaNAfter(3)
+    stats = _epoch(model, torch.amp.GradScaler("cpu", enabled=True), Precision(torch.bfloat16, True))
+    assert stats["skipped_steps"] == 2  # steps 3 and 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
