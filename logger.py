@@ -1,4 +1,5 @@
-"""Run logs: every process writes ``log_rank<R>.txt`` in the output folder; rank 0 also prints, in colour."""
+"""Run logs: every process writes ``log_rank<R>.txt`` in the output folder; rank 0 also prints, in colour,
+and writes TensorBoard scalars when the optional ``tensorboard`` package is installed."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "dfvt") -> lo
     file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATEFMT))
     logger.addHandler(file_handler)
     return logger
+
+
+def create_tensorboard_writer(output_dir: str, dist_rank: int, logger: logging.Logger):
+    """A ``SummaryWriter`` on ``output_dir/tensorboard`` for rank 0, or None (other ranks, or no tensorboard)."""
+    if dist_rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("TensorBoard logging off: `pip install tensorboard` to enable it")
+        return None
+    path = os.path.join(output_dir, "tensorboard")
+    logger.info(f"TensorBoard logs in {path} (tensorboard --logdir {path})")
+    return SummaryWriter(log_dir=path)

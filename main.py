@@ -37,7 +37,7 @@ from checkpoint import (
 )
 from config import ConfigError, get_default_config, update_config
 from data import DataError, build_loader
-from logger import create_logger
+from logger import create_logger, create_tensorboard_writer
 from lr_scheduler import apply_lr_scaling, build_scheduler
 from models import build_model
 from models.complexity import complexity_summary
@@ -126,6 +126,7 @@ def train_one_epoch(
     precision: Precision,
     env: DistEnv,
     logger: logging.Logger,
+    writer=None,
 ) -> dict[str, float]:
     """One epoch of optimizer steps; each step accumulates ``TRAIN.ACCUMULATION_STEPS`` micro-batches.
 
@@ -177,8 +178,13 @@ def train_one_epoch(
         norm_meter.update(grad_norm.item())
         time_meter.update(time.time() - end)
         end = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        if writer is not None:
+            global_step = epoch * steps + step
+            writer.add_scalar("train/loss", loss_value, global_step)
+            writer.add_scalar("train/lr", lr, global_step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), global_step)
         if step % config.PRINT_FREQ == 0 or step == steps:
-            lr = optimizer.param_groups[0]["lr"]
             eta = time_meter.avg * (steps - step)
             memory = torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else 0.0
             logger.info(
@@ -397,13 +403,14 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     last_saved = resume_path or None
 
     criterion = build_criterion(config, mixup_fn is not None)
+    writer = create_tensorboard_writer(config.OUTPUT, env.rank, logger)
     logger.info("Start training")
     start = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, config.TRAIN.EPOCHS):
         if hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)
         try:
-            train_one_epoch(
+            stats = train_one_epoch(
                 config,
                 model,
                 criterion,
@@ -416,6 +423,7 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
                 precision,
                 env,
                 logger,
+                writer,
             )
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
@@ -425,7 +433,17 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
         if env.distributed:
             # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
             distribute_bn(model, env.world_size, reduce=True)
-        acc1, _, _ = validate(config, loader_val, model, precision, env, logger)
+        acc1, acc5, val_loss = validate(config, loader_val, model, precision, env, logger)
+        if writer is not None:
+            scalars = {
+                "train/epoch_time_s": stats["epoch_time"],
+                "val/top1": acc1,
+                "val/top5": acc5,
+                "val/loss": val_loss,
+            }
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, epoch)
+            writer.flush()
         is_best = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
         last = epoch == config.TRAIN.EPOCHS - 1
@@ -442,6 +460,8 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     logger.info(f"Final weights fingerprint (sha256 of the state_dict): {state_fingerprint(model)}")
+    if writer is not None:
+        writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

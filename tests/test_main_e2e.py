@@ -161,3 +161,31 @@ def test_unreadable_image_during_training_names_the_file(tmp_path):
     proc = run([sys.executable, *main_args(data, tmp_path / "out")])
     assert proc.returncode == 2
     assert str(bad) in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_tensorboard_scalars_match_the_log(trained):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = trained
+    events = EventAccumulator(str(out / "dfvt_tiny" / "t" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/epoch_time_s", "val/top1", "val/top5", "val/loss"}
+    assert expected <= tags
+    assert len(events.Scalars("train/loss")) == 3  # one per optimizer step
+    acc1, acc5, loss = summaries(log_of(out))[0]
+    assert events.Scalars("val/top1")[0].value == pytest.approx(float(acc1), abs=1e-3)
+    assert events.Scalars("val/loss")[0].value == pytest.approx(float(loss), abs=1e-4)
+
+
+def test_runs_without_tensorboard(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from logger import create_tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with caplog.at_level(logging.INFO):
+        assert create_tensorboard_writer(str(tmp_path), 0, logging.getLogger("tb")) is None
+    assert "pip install tensorboard" in caplog.text
+    assert create_tensorboard_writer(str(tmp_path), 1, logging.getLogger("tb")) is None
