@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -22,6 +23,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launcher(module: str, nproc: int = 2) -> list[str]:
+    """``python -m <module> --nproc_per_node N --master_port P`` for torch.distributed.run or .launch."""
+    return [sys.executable, "-m", module, "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder, write_zip_dataset
-from tests.e2e import FINGERPRINT, ROOT, check, clean_env, free_port, log_of, main_args, run, summaries
+from tests.e2e import FINGERPRINT, ROOT, check, clean_env, free_port, launcher, log_of, main_args, run, summaries
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,7 @@ def test_zip_mode_training(trained, tmp_path):
 def test_torchrun_two_process_training_keeps_ranks_identical(trained, tmp_path):
     data, _, _ = trained
     out = tmp_path / "ddp"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    proc = check(run(torchrun + main_args(data, out, batch=2)))
+    proc = check(run(launcher("torch.distributed.run") + main_args(data, out, batch=2)))
     logs = [log_of(out, 0), log_of(out, 1)]
     assert "rank 1/2" in logs[1] and "rank 0/2" in logs[0]
     # 12 images over 2 ranks at batch 2: 3 steps per rank.
@@ -101,31 +92,13 @@ def test_eval_figures_identical_under_every_launcher(trained, tmp_path):
     single = summaries(check(run([sys.executable, *_eval_cmd(trained, tmp_path / "single")])).stdout)
     assert len(single) == 1
 
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     out = tmp_path / "torchrun"
-    check(run(torchrun + _eval_cmd(trained, out)))
+    check(run(launcher("torch.distributed.run") + _eval_cmd(trained, out)))
     assert summaries(log_of(out)) == single and "rank 1/2" in log_of(out, 1)
 
     # The deprecated launcher passes --local-rank=K.
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.launch",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     out = tmp_path / "launch"
-    check(run(launch + _eval_cmd(trained, out)))
+    check(run(launcher("torch.distributed.launch") + _eval_cmd(trained, out)))
     assert summaries(log_of(out)) == single and "rank 1/2" in log_of(out, 1)
 
     # Older launchers pass --local_rank K and no LOCAL_RANK variable.

@@ -19,6 +19,24 @@ CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 FP32 = Precision(None, False)
 
 
+def run_epoch(config, model, batches, optimizer, epoch, recorder, scaler=None, precision=FP32):
+    """``train_one_epoch`` with plain cross-entropy, no Mixup, on the CPU (no grad scaler by default)."""
+    return train_one_epoch(
+        config,
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        optimizer,
+        epoch,
+        None,
+        recorder,
+        scaler or torch.amp.GradScaler("cpu", enabled=False),
+        precision,
+        CPU,
+        logging.getLogger("test"),
+    )
+
+
 class StepRecorder:
     """Records the step indices the loop hands to the LR scheduler."""
 
@@ -43,20 +61,7 @@ def test_accumulation_applies_mean_gradient_once_per_n_micro_batches(accum, n_mi
     optimizer.step = lambda *a, **k: (steps_taken.append(1), original_step(*a, **k))[1]
     recorder = StepRecorder()
     epoch = 2
-    train_one_epoch(
-        config,
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        optimizer,
-        epoch,
-        None,
-        recorder,
-        torch.amp.GradScaler("cpu", enabled=False),
-        Precision(None, False),
-        CPU,
-        logging.getLogger("test"),
-    )
+    run_epoch(config, model, batches, optimizer, epoch, recorder)
     n_steps = n_micro // accum
     assert len(steps_taken) == n_steps
     assert recorder.calls == [epoch * n_steps + s for s in range(1, n_steps + 1)]
@@ -82,20 +87,7 @@ def test_gradient_clipping_bounds_the_applied_update():
     batches = [(100 * torch.randn(8, 6), torch.randint(0, 4, (8,)))]
     config = load_config(None, ["TRAIN.CLIP_GRAD", "0.01"])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_one_epoch(
-        config,
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        optimizer,
-        0,
-        None,
-        StepRecorder(),
-        torch.amp.GradScaler("cpu", enabled=False),
-        Precision(None, False),
-        CPU,
-        logging.getLogger("test"),
-    )
+    run_epoch(config, model, batches, optimizer, 0, StepRecorder())
     delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert delta.norm().item() == pytest.approx(0.01, rel=1e-4)
 
@@ -131,19 +123,9 @@ class NaNAfter(nn.Module):
 
 def _epoch(model, scaler, precision=FP32):
     batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(4)]
-    return train_one_epoch(
-        load_config(None, ["PRINT_FREQ", "1"]),
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        1,
-        None,
-        StepRecorder(),
-        scaler,
-        precision,
-        CPU,
-        logging.getLogger("test"),
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return run_epoch(
+        load_config(None, ["PRINT_FREQ", "1"]), model, batches, optimizer, 1, StepRecorder(), scaler, precision
     )
 
 
