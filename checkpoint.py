@@ -240,6 +240,23 @@ def load_model_weights(
     model.load_state_dict({k: v for k, v in state.items() if k not in ignore}, strict=not ignore)
 
 
+def load_pretrained(model: nn.Module, path: str | os.PathLike, logger: logging.Logger) -> None:
+    """Weights only, for fine-tuning or inference: strict, except a classifier whose class count differs,
+    which is re-initialised (and logged)."""
+    path = os.fspath(path)
+    state = model_state_of(load_file(path), path)
+    own = model.state_dict()
+    head = tuple(k for k in ("head.weight", "head.bias") if k in state or k in own)
+    if any(k not in state or k not in own or state[k].shape != own[k].shape for k in head):
+        load_model_weights(model, state, path, ignore=head)
+        model.reset_classifier(model.num_classes)
+        classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+        logger.info(f"{path}: head re-initialised ({classes} classes in the file, {model.num_classes} here)")
+    else:
+        load_model_weights(model, state, path)
+    logger.info(f"Loaded weights from {path} (strict: every key and shape matched)")
+
+
 def find_resumable(folder: str, logger: logging.Logger) -> tuple[str, Any] | None:
     """The newest ``ckpt_epoch_<N>.pth`` in ``folder`` that loads, with its contents; broken ones are skipped."""
     candidates = []

@@ -32,6 +32,7 @@ from checkpoint import (
     find_resumable,
     load_file,
     load_model_weights,
+    load_pretrained,
     model_state_of,
     restore_rng_state,
 )
@@ -279,9 +280,15 @@ def gather_rng_states(env: DistEnv) -> list[dict]:
     return states
 
 
-def checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch: int, max_accuracy: float, rng) -> dict:
-    """Everything a run needs to continue, as tensors and plain containers (loadable with ``weights_only``)."""
+def checkpoint_state(
+    config, model, optimizer, lr_scheduler, scaler, epoch: int, max_accuracy: float, rng, class_names
+) -> dict:
+    """Everything a run needs to continue, as tensors and plain containers (loadable with ``weights_only``).
+
+    ``class_names`` (the dataset's, when it has them) let ``predict.py`` print names.
+    """
     return {
+        "class_names": class_names,
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -323,28 +330,13 @@ def restore_training_state(config, ckpt, path: str, optimizer, lr_scheduler, sca
     return float(ckpt.get("max_accuracy", 0.0))
 
 
-def load_pretrained(config, model: nn.Module, logger: logging.Logger) -> None:
-    """Fine-tuning start: weights only, strictly, except a classifier whose class count differs (re-initialised)."""
-    path = config.MODEL.PRETRAINED
-    state = model_state_of(load_file(path), path)
-    head = [k for k in ("head.weight", "head.bias") if k in state or k in model.state_dict()]
-    own = model.state_dict()
-    if any(k not in state or k not in own or state[k].shape != own[k].shape for k in head):
-        classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        logger.info(f"{path}: head re-initialised ({classes} classes in the file, {config.MODEL.NUM_CLASSES} here)")
-        load_model_weights(model, state, path, ignore=tuple(head))
-    else:
-        load_model_weights(model, state, path)
-    logger.info(f"Loaded pretrained weights from {path}")
-
-
 def run(config, env: DistEnv, logger: logging.Logger) -> None:
     """The three modes: throughput, evaluation, or training with validation every epoch."""
     data_needed = not config.THROUGHPUT_MODE or config.DATA.DATA_PATH
     if data_needed:
-        _, _, loader_train, loader_val, mixup_fn = build_loader(config)
+        _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     else:
-        loader_train = loader_val = mixup_fn = None
+        dataset_val = loader_train = loader_val = mixup_fn = None
 
     model = build_model(config)
     logger.info(complexity_summary(model, config.DATA.IMG_SIZE, config.MODEL.DFVT.IN_CHANS))
@@ -399,10 +391,11 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
                 config, ckpt, resume_path, optimizer, lr_scheduler, scaler, env, logger
             )
     elif config.MODEL.PRETRAINED:
-        load_pretrained(config, model_without_ddp, logger)
+        load_pretrained(model_without_ddp, config.MODEL.PRETRAINED, logger)
     last_saved = resume_path or None
 
     criterion = build_criterion(config, mixup_fn is not None)
+    class_names = list(getattr(dataset_val, "classes", None) or []) or None
     writer = create_tensorboard_writer(config.OUTPUT, env.rank, logger)
     logger.info("Start training")
     start = time.time()
@@ -452,7 +445,10 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
             if env.is_main:
                 path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
                 atomic_save(
-                    checkpoint_state(config, model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, rng), path
+                    checkpoint_state(
+                        config, model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, rng, class_names
+                    ),
+                    path,
                 )
                 logger.info(f"{path} saved")
             last_saved = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")

@@ -32,6 +32,7 @@ def test_train_writes_checkpoint_and_logs(trained):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["epoch"] == 0 and "model" in state and "optimizer" in state
     assert "NUM_CLASSES: 3" in state["config"]  # the YAML text of the run's config
+    assert state["class_names"] == ["a", "b", "c"]  # for predict.py
     assert state["model"]["head.weight"].shape == (3, 384)
     log = log_of(out)
     assert "analytic GFLOPs" in log and "measured GFLOPs" in log and "params 3," in log

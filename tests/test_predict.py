@@ -1,0 +1,186 @@
+"""predict.py as a user runs it: JPEG/PNG files and a nested folder with a corrupt file, text and JSON
+output checked against an independent forward pass, class names, and the errors a user meets."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo
+
+from config import load_config
+from data import build_transform
+from models import build_model
+from tests.e2e import run
+from tests.test_checkpoint import upstream_checkpoint
+
+ROOT = Path(__file__).parent.parent
+OPTS = ["--opts", "DATA.IMG_SIZE", "32"]
+PREDICTION = re.compile(r"^  (\d\.\d{4})  +(\d+)  (.+)$")
+
+
+def write_image(path: Path, seed: int) -> Path:
+    """A smooth random colour field (so different files get different predictions), saved as JPEG or PNG."""
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 256, (2, 2, 3)).astype(np.float32)
+    h, w = 40 + seed, 48
+    y, x = np.linspace(0, 1, h)[:, None, None], np.linspace(0, 1, w)[None, :, None]
+    pixels = (corners[0, 0] * (1 - y) * (1 - x) + corners[0, 1] * (1 - y) * x) + (
+        corners[1, 0] * y * (1 - x) + corners[1, 1] * y * x
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def tiny_model(num_classes: int = 1000) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = load_config(
+        str(ROOT / "configs" / "tiny.yaml"), ["DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", str(num_classes)]
+    )
+    model = build_model(config)
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # spread the logits so that the ranking is decisive
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A seeded 1000-class checkpoint; two loose images and a nested folder with a corrupt JPEG and a text file."""
+    root = tmp_path_factory.mktemp("predict")
+    model = tiny_model()
+    ckpt = root / "dfvt_tiny.pth"
+    torch.save({"model": model.state_dict(), "epoch": 299}, ckpt)
+    loose = [write_image(root / "a.jpg", 1), write_image(root / "b.png", 2)]
+    folder = root / "photos"
+    nested = [write_image(folder / "trip" / "day2" / "y.PNG", 4), write_image(folder / "x.jpg", 3)]  # sorted path order
+    corrupt = folder / "trip" / "broken.jpg"
+    corrupt.write_bytes(loose[0].read_bytes()[:300])  # a truncated JPEG
+    (folder / "trip" / "notes.txt").write_text("not an image")
+    return {"root": root, "model": model.eval(), "ckpt": ckpt, "loose": loose, "nested": nested, "corrupt": corrupt}
+
+
+def expected_probs(model: torch.nn.Module, path: Path) -> torch.Tensor:
+    """The independent computation: eval transform, forward, softmax."""
+    config = load_config(str(ROOT / "configs" / "tiny.yaml"), ["DATA.IMG_SIZE", "32"])
+    image = build_transform(False, config)(Image.open(path).convert("RGB"))
+    with torch.no_grad():
+        return model(image[None]).softmax(dim=-1)[0]
+
+
+def predict(*args: str | Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "predict.py", "--cfg", "configs/tiny.yaml", *map(str, args)], timeout=120)
+
+
+def parse_text(stdout: str) -> dict[str, list[tuple[float, int, str]]]:
+    """``{path: [(prob, class, name), ...]}`` from the text output."""
+    blocks: dict[str, list[tuple[float, int, str]]] = {}
+    current = None
+    for line in stdout.splitlines():
+        match = PREDICTION.match(line)
+        if match:
+            blocks[current].append((float(match.group(1)), int(match.group(2)), match.group(3)))
+        else:
+            current = line
+            blocks[current] = []
+    return blocks
+
+
+def test_text_output_for_files_and_a_nested_folder(setup):
+    proc = predict("--resume", setup["ckpt"], *setup["loose"], setup["root"] / "photos", *OPTS)
+    assert proc.returncode == 0, proc.stderr
+    # The corrupt file is reported once, by name, and skipped; the text file is not an image and is ignored.
+    assert proc.stderr.count(str(setup["corrupt"])) == 1 and "skipped" in proc.stderr
+    assert "notes.txt" not in proc.stdout + proc.stderr
+    blocks = parse_text(proc.stdout)
+    assert list(blocks) == [str(p) for p in setup["loose"] + setup["nested"]]
+    names = ImageNetInfo()
+    top1 = set()
+    for path, rows in blocks.items():
+        probs = [p for p, _, _ in rows]
+        assert len(rows) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
+        expected = expected_probs(setup["model"], Path(path))
+        assert [c for _, c, _ in rows] == expected.topk(5).indices.tolist()
+        assert probs == pytest.approx(expected.topk(5).values.tolist(), abs=1e-4)
+        assert [n for _, _, n in rows] == [names.index_to_description(c) for _, c, _ in rows]
+        top1.add(rows[0][1])
+    assert len(top1) > 1  # the images are told apart, not one constant answer
+
+
+def test_json_output_matches_and_batching_does_not_matter(setup):
+    proc = predict(
+        "--resume", setup["ckpt"], *setup["loose"], setup["root"] / "photos", "--json", "--topk", "3",
+        "--batch-size", "3", *OPTS,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [e["path"] for e in doc["errors"]] == [str(setup["corrupt"])]
+    assert "cannot read image" in doc["errors"][0]["error"]
+    assert [r["path"] for r in doc["images"]] == [str(p) for p in setup["loose"] + setup["nested"]]
+    for result in doc["images"]:
+        expected = expected_probs(setup["model"], Path(result["path"]))
+        top = expected.topk(3)
+        assert [p["class"] for p in result["predictions"]] == top.indices.tolist()
+        assert [p["prob"] for p in result["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert all(p["name"] == ImageNetInfo().index_to_description(p["class"]) for p in result["predictions"])
+
+
+def test_custom_classes_upstream_file_and_class_names(setup, tmp_path):
+    model = tiny_model(num_classes=3)
+    ckpt = tmp_path / "upstream_3.pth"
+    torch.save(upstream_checkpoint(model), ckpt)
+    image = setup["loose"][0]
+    top = expected_probs(model.eval(), image).topk(3)
+    plain = parse_text(predict("--resume", ckpt, image, *OPTS).stdout)[str(image)]
+    assert [(c, n) for _, c, n in plain] == [(c, f"class {c}") for c in top.indices.tolist()]
+
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("cat\ndog\nfox\n")
+    split = tmp_path / "train"
+    for name in ("cat", "dog", "fox"):
+        (split / name).mkdir(parents=True)
+    for source in (names_file, split):
+        named = parse_text(predict("--resume", ckpt, image, "--class-names", source, *OPTS).stdout)[str(image)]
+        assert [n for _, _, n in named] == [["cat", "dog", "fox"][c] for c in top.indices.tolist()]
+
+    names_file.write_text("cat\ndog\n")
+    proc = predict("--resume", ckpt, image, "--class-names", names_file, *OPTS)
+    assert proc.returncode == 2 and "gives 2 names but the model has 3 classes" in proc.stderr
+
+
+def test_missing_resume_is_refused(setup):
+    proc = predict(*setup["loose"])
+    assert proc.returncode == 2
+    assert "--resume CKPT is required" in proc.stderr and "random weights" in proc.stderr
+
+
+def test_nothing_readable_exits_1(setup):
+    proc = predict("--resume", setup["ckpt"], setup["corrupt"], setup["root"] / "missing.jpg", *OPTS)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert str(setup["corrupt"]) in proc.stderr and "missing.jpg: no such file or folder" in proc.stderr
+
+
+def test_bad_checkpoint_gives_one_line(setup, tmp_path):
+    small = tmp_path / "small.pth"
+    config = load_config(str(ROOT / "configs" / "small.yaml"), ["DATA.IMG_SIZE", "32"])
+    torch.save({"model": build_model(config).state_dict()}, small)
+    proc = predict("--resume", small, *setup["loose"], *OPTS)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "this looks like DFvT-S: use configs/small.yaml" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(setup):
+    args = ["--resume", setup["ckpt"], *setup["loose"], "--json", *OPTS]
+    cpu = json.loads(predict(*args, "--device", "cpu").stdout)["images"]
+    gpu = json.loads(predict(*args, "--device", "cuda").stdout)["images"]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        assert [p["prob"] for p in a["predictions"]] == pytest.approx([p["prob"] for p in b["predictions"]], abs=1e-4)
