@@ -53,6 +53,7 @@ _C.MODEL.DFVT.QKV_BIAS = True  # learn a query/key/value bias
 _C.MODEL.DFVT.QK_SCALE = None  # attention scale override (None: head_dim ** -0.5)
 _C.MODEL.DFVT.APE = False  # learned absolute position embedding after the stem
 _C.MODEL.DFVT.PATCH_NORM = True  # BatchNorm in the stem
+_C.MODEL.DFVT.FAST_PATH = True  # fast execution path (same function and weights); False: the upstream-like one
 
 # Training
 _C.TRAIN = CN()

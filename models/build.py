@@ -81,4 +81,5 @@ def build_model(config: CfgNode) -> DFvT:
         ape=m.APE,
         patch_norm=m.PATCH_NORM,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        fast_path=m.FAST_PATH,
     )

@@ -6,6 +6,18 @@ down-sampling) beside a window-attention branch. The two are fused at the stage 
 addition and inside every transformer block by the learned DANE gate.
 
 Module and parameter names equal the ``state_dict`` keys of the released checkpoints.
+
+Two execution paths compute the same function from the same parameters, chosen by ``fast_path``
+(``DFvT.set_fast_path``): the straightforward one, written like the upstream code, and the
+default fast one, which
+- keeps the convolutional branch channels-last from the stem on, so token and map form are views
+  of one another and the convolutions, max-pool and BatchNorms run in their fast layout;
+- gathers space-to-depth in one copy, and windows and heads of q, k, v in one copy;
+- adds relative position bias and shift mask as one additive mask, in ``scaled_dot_product_attention``
+  (or, on CPU when the mask needs a gradient, in plain matmuls: SDPA's math kernel is slower there);
+- on CPU, folds eval-mode BatchNorm into the preceding convolution from the current parameters
+  on every call (nothing is cached) and applies SiLU in place where autograd does not need it;
+- blends the DANE gate with one ``lerp``.
 """
 
 from __future__ import annotations
@@ -36,6 +48,50 @@ def space_to_depth(x: torch.Tensor) -> torch.Tensor:
     (odd rows, odd cols), giving ``B × 4C × H/2 × W/2``.
     """
     return torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=1)
+
+
+def space_to_depth_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """:func:`space_to_depth` in one gather; a channels-last input gives a channels-last output."""
+    b, c, h, w = x.shape
+    grid = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)
+    # Channel index (col parity, row parity, c) reproduces the sub-grid order of space_to_depth.
+    return grid.permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c).permute(0, 3, 1, 2)
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
+    """``bn(conv(x))``; on CPU an eval-mode BatchNorm is folded into the convolution's weights at run time.
+
+    The fold saves a pass over the activation on CPU; on a GPU its five small kernels per call cost more
+    launches than the one BatchNorm kernel they replace.
+    """
+    if x.device.type != "cpu" or not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_var is None:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when autograd does not need ``x`` (``x`` must be a fresh intermediate)."""
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def run_conv_stack(x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
+    """Apply ``layers`` (convolutions, BatchNorms, SiLUs) with :func:`conv_bn` and :func:`silu`."""
+    modules = list(layers)
+    i = 0
+    while i < len(modules):
+        module = modules[i]
+        if isinstance(module, nn.Conv2d) and i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
+            x = conv_bn(x, module, modules[i + 1])
+            i += 2
+            continue
+        x = silu(x) if isinstance(module, nn.SiLU) else module(x)
+        i += 1
+    return x
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -149,6 +205,33 @@ class WindowAttention(nn.Module):
         x = (attn @ v).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(x))
 
+    def forward_grid(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fast equivalent of partition, :meth:`forward` and reverse on a ``B × r × r × C`` grid.
+
+        The projections run on the grid, windows and heads are gathered in one copy, and the relative
+        position bias plus the shift ``mask`` (``nW × N × N``) form one additive mask, rebuilt from the
+        parameter on every call.
+        """
+        b, r, _, c = x.shape
+        w, heads = self.window_size, self.num_heads
+        n, d, nw = w * w, c // heads, r // w
+        qkv = self.qkv(x).view(b, nw, w, nw, w, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        bias = self.relative_position_bias()
+        if mask is None:  # one bias for every window: windows join the batch
+            q, k, v = qkv.reshape(3, b * nw * nw, heads, n, d).unbind(0)
+            bias = bias.unsqueeze(0)
+        else:  # one mask per window: windows join the heads, so the mask broadcasts over the batch only
+            q, k, v = qkv.reshape(3, b, nw * nw * heads, n, d).unbind(0)
+            bias = (mask.unsqueeze(1) + bias).reshape(1, -1, n, n)
+        if bias.requires_grad and x.device.type == "cpu":
+            # SDPA differentiates a mask only in its math kernel, which is slower on CPU than these four ops.
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+        else:
+            drop = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop, scale=self.scale)
+        x = x.view(b, nw, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, r, r, c)
+        return self.proj_drop(self.proj(x))
+
 
 class DANEGate(nn.Module):
     """DANE fusion: a spatial logit from the conv partner and a channel logit from the tokens
@@ -161,6 +244,7 @@ class DANEGate(nn.Module):
 
     def __init__(self, dim: int, reduction: int = 16) -> None:
         super().__init__()
+        self.fast_path = True  # blend with one lerp (see DFvT.set_fast_path)
         hidden = dim // reduction
         self.fc_spatial = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1, bias=False))
         self.fc_channel = nn.Sequential(
@@ -168,7 +252,12 @@ class DANEGate(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.fc_spatial(c) + self.fc_channel(x.mean(dim=1, keepdim=True)))
+        logit = self.fc_spatial(c) + self.fc_channel(x.mean(dim=1, keepdim=True))
+        if self.fast_path:
+            # x + m (c - x) in one kernel; lerp does not promote dtypes (autocast mixes them), so align them.
+            dtype = torch.promote_types(torch.promote_types(x.dtype, c.dtype), logit.dtype)
+            return torch.lerp(x.to(dtype), c.to(dtype), logit.sigmoid_().to(dtype))
+        gate = torch.sigmoid(logit)
         return c * gate + x * (1 - gate)
 
 
@@ -208,6 +297,7 @@ class DFvTBlock(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.mlp_ratio = mlp_ratio
+        self.fast_path = True  # attention through WindowAttention.forward_grid (see DFvT.set_fast_path)
         if shift_size > 0:
             self.register_buffer("attn_mask", get_shift_attention_mask(resolution, window_size, shift_size))
         else:
@@ -226,7 +316,10 @@ class DFvTBlock(nn.Module):
         x = x.view(b, r, r, c)
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        x = window_reverse(self.attn(window_partition(x, w), self.attn_mask), w, r, r)
+        if self.fast_path:
+            x = self.attn.forward_grid(x, self.attn_mask)
+        else:
+            x = window_reverse(self.attn(window_partition(x, w), self.attn_mask), w, r, r)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
         return x.reshape(b, r * r, c)
@@ -366,6 +459,7 @@ class ConvBranch(nn.Module):
         self.dim = dim
         self.resolution = resolution
         self.stride = stride
+        self.fast_path = True  # conv_bn and in-place SiLU (see DFvT.set_fast_path)
         self.conv1x1_1 = nn.Sequential(
             *conv_bn_act(dim), *conv_bn_act(dim, depthwise=True), *conv_bn_act(dim, depthwise=True)
         )
@@ -373,6 +467,9 @@ class ConvBranch(nn.Module):
         self.conv1x1_2 = nn.Sequential(*conv_bn_act(dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fast_path:
+            local = run_conv_stack(x, self.conv1x1_1)
+            return local, map_to_tokens(run_conv_stack(run_conv_stack(local, self.conv1), self.conv1x1_2))
         local = self.conv1x1_1(x)
         return local, map_to_tokens(self.conv1x1_2(self.conv1(local)))
 
@@ -415,6 +512,7 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.resolution = img_size // 4
+        self.fast_path = True  # channels-last output, conv_bn and in-place SiLU (see DFvT.set_fast_path)
         self.proj1 = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
         self.proj2 = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
         self.norm = nn.BatchNorm2d(embed_dim) if patch_norm else nn.Identity()
@@ -439,6 +537,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.fast_path:
+            x = silu(conv_bn(x.contiguous(memory_format=torch.channels_last), self.proj1, self.norm1))
+            return silu(conv_bn(x, self.proj2, self.norm))
         x = self.act(self.norm1(self.proj1(x)))
         return self.act(self.norm(self.proj2(x)))
 
@@ -472,6 +573,7 @@ class DFvT(nn.Module):
         ape: add a learned absolute position embedding after the stem.
         patch_norm: BatchNorm in the stem.
         use_checkpoint: gradient checkpointing of the transformer blocks.
+        fast_path: run the fast path (same function and parameters; see :meth:`set_fast_path`).
     """
 
     def __init__(
@@ -493,8 +595,10 @@ class DFvT(nn.Module):
         ape: bool = False,
         patch_norm: bool = True,
         use_checkpoint: bool = False,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
+        self.fast_path = fast_path
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -543,6 +647,7 @@ class DFvT(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.set_fast_path(fast_path)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -570,6 +675,16 @@ class DFvT(nn.Module):
             stage.use_checkpoint = enable
 
     @torch.jit.ignore
+    def set_fast_path(self, enable: bool = True) -> None:
+        """Run the fast path (default) or the straightforward, upstream-like one (see the module docstring).
+
+        Both compute the same function from the same parameters and buffers; the state_dict is unchanged.
+        """
+        for module in self.modules():
+            if hasattr(module, "fast_path"):
+                module.fast_path = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -592,8 +707,11 @@ class DFvT(nn.Module):
             local, t = conv(x_map)
             if i < last:
                 p = map_to_tokens(F.max_pool2d(x_map, 3, stride=2, padding=1))
-                c = map_to_tokens(self.multiresolution_conv[i](space_to_depth(local)))
-                x = stage(p + t, c)
+                if self.fast_path:
+                    c = run_conv_stack(space_to_depth_channels_last(local), self.multiresolution_conv[i])
+                else:
+                    c = self.multiresolution_conv[i](space_to_depth(local))
+                x = stage(p + t, map_to_tokens(c))
             else:
                 x = stage(x + t, x)
         return self.norm(x)
