@@ -337,6 +337,11 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
         _, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     else:
         dataset_val = loader_train = loader_val = mixup_fn = None
+    # Logged and saved once the data has set what it decides (MODEL.NUM_CLASSES, the digits' DATA_PATH).
+    logger.info(f"Full config:\n{config.dump()}")
+    if env.is_main:
+        with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, default=list)
 
     model = build_model(config)
     logger.info(complexity_summary(model, config.DATA.IMG_SIZE, config.MODEL.DFVT.IN_CHANS))
@@ -478,10 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(config.SEED + env.rank)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        if env.is_main:
-            with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
-                json.dump(json.loads(json.dumps(config, default=list)), f, indent=2)
-        logger.info(f"rank {env.rank}/{env.world_size}, device {env.device}\n{config.dump()}")
+        logger.info(f"rank {env.rank}/{env.world_size}, device {env.device}")
         run(config, env, logger)
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
         logger.error(f"{type(e).__name__}: {e}")

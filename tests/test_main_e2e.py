@@ -39,7 +39,8 @@ def test_train_writes_checkpoint_and_logs(trained):
     assert "Precision: fp32" in log
     assert re.search(r"Train: \[0/1\]\[3/3\]", log)  # 12 images / batch 4 = 3 steps
     assert len(summaries(log)) == 1 and FINGERPRINT.search(log)
-    assert (out / "dfvt_tiny" / "t" / "config.json").is_file()
+    saved_config = json.loads((out / "dfvt_tiny" / "t" / "config.json").read_text())
+    assert saved_config["MODEL"]["NUM_CLASSES"] == 3  # written after the data set the class count
 
 
 def test_eval_of_the_checkpoint_reproduces_the_training_validation(trained):
