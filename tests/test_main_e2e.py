@@ -3,6 +3,7 @@ two-process training and evaluation under each launcher convention, and bad data
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
