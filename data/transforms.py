@@ -67,9 +67,10 @@ def build_mixup(config: CfgNode) -> Mixup | None:
         return None
     if a.MIXUP_MODE not in ("batch", "pair", "elem"):
         raise ConfigError(f"AUG.MIXUP_MODE {a.MIXUP_MODE!r} must be batch, pair or elem.")
-    if a.MIXUP_MODE != "batch" and config.DATA.BATCH_SIZE % 2:
+    if config.DATA.BATCH_SIZE % 2:
         raise ConfigError(
-            f"AUG.MIXUP_MODE {a.MIXUP_MODE} pairs images, so DATA.BATCH_SIZE ({config.DATA.BATCH_SIZE}) must be even."
+            f"Mixup/CutMix mixes each batch with its reverse, so DATA.BATCH_SIZE ({config.DATA.BATCH_SIZE}) must be "
+            f"even; change --batch-size or turn AUG.MIXUP and AUG.CUTMIX off."
         )
     return Mixup(
         mixup_alpha=a.MIXUP,

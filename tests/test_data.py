@@ -315,7 +315,7 @@ def test_zip_class_count_is_max_label_plus_one(image_folder, tmp_path):
 def test_corrupt_image_in_a_worker_names_the_file(image_folder, tmp_path):
     bad = image_folder / "val" / "a" / "1.jpg"
     bad.write_bytes(b"this is not a JPEG")
-    loader_val = build_loader(cfg(image_folder, "DATA.NUM_WORKERS", "1", "DATA.BATCH_SIZE", "9"))[3]
+    loader_val = build_loader(cfg(image_folder, "DATA.NUM_WORKERS", "1", "DATA.BATCH_SIZE", "9", "EVAL_MODE", "True"))[3]
     with pytest.raises(DataError, match="cannot read image") as err:
         next(iter(loader_val))
     assert str(bad) in str(err.value) and "remove or replace" in str(err.value)
@@ -378,3 +378,12 @@ def test_digits_default_location_is_under_the_cwd(tmp_path, monkeypatch, digits_
     config = load_config(None, ["DATA.DATASET", "digits", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0"])
     build_loader(config)
     assert config.DATA.DATA_PATH == str(Path("datasets") / "digits") and config.MODEL.NUM_CLASSES == 10
+
+
+def test_odd_batch_with_mixup_is_a_config_error(image_folder):
+    from data.transforms import build_mixup
+
+    with pytest.raises(ConfigError, match="DATA.BATCH_SIZE \\(5\\) must be even"):
+        build_mixup(cfg(image_folder, "DATA.BATCH_SIZE", "5"))
+    assert build_mixup(cfg(image_folder, "DATA.BATCH_SIZE", "5", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0")) is None
+    assert isinstance(build_mixup(cfg(image_folder, "DATA.BATCH_SIZE", "6")), Mixup)
