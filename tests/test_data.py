@@ -315,7 +315,8 @@ def test_zip_class_count_is_max_label_plus_one(image_folder, tmp_path):
 def test_corrupt_image_in_a_worker_names_the_file(image_folder, tmp_path):
     bad = image_folder / "val" / "a" / "1.jpg"
     bad.write_bytes(b"this is not a JPEG")
-    loader_val = build_loader(cfg(image_folder, "DATA.NUM_WORKERS", "1", "DATA.BATCH_SIZE", "9", "EVAL_MODE", "True"))[3]
+    config = cfg(image_folder, "DATA.NUM_WORKERS", "1", "DATA.BATCH_SIZE", "9", "EVAL_MODE", "True")
+    loader_val = build_loader(config)[3]
     with pytest.raises(DataError, match="cannot read image") as err:
         next(iter(loader_val))
     assert str(bad) in str(err.value) and "remove or replace" in str(err.value)
