@@ -39,7 +39,7 @@ from checkpoint import (
 from config import ConfigError, get_default_config, update_config
 from data import DataError, build_loader
 from logger import create_logger, create_tensorboard_writer
-from lr_scheduler import apply_lr_scaling, build_scheduler
+from lr_scheduler import apply_lr_scaling, build_scheduler, optimizer_steps_per_epoch
 from models import build_model
 from models.complexity import complexity_summary
 from optimizer import build_optimizer
@@ -137,7 +137,7 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
-    steps = len(loader) // accum
+    steps = optimizer_steps_per_epoch(len(loader), accum)
     loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
     skipped = 0
     start = end = time.time()
@@ -369,12 +369,7 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
         logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
         return
 
-    steps_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"The training set gives {len(loader_train)} batches of {config.DATA.BATCH_SIZE} per process, fewer than "
-            f"TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS}; lower --batch-size or add images."
-        )
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader_train), config.TRAIN.ACCUMULATION_STEPS)
     optimizer = build_optimizer(config, model_without_ddp)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
