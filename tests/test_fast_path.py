@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from config import load_config
 from models import build_model
-from models.dfvt import DFvT
+from models.dfvt import DFvT, batch_norm
 from tests.golden import fixture_input, load_fixture_weights, relative_error
 
 ROOT = Path(__file__).parent.parent
@@ -156,6 +156,36 @@ def test_fast_path_with_gradient_checkpointing_and_no_head():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
     grad = dict(straight.named_parameters())["multiresolution_conv.0.3.weight"].grad
     torch.testing.assert_close(dict(fast.named_parameters())["multiresolution_conv.0.3.weight"].grad, grad)
+
+
+@pytest.mark.parametrize("shape", [(4, 24, 10, 10), (3, 24, 5, 7), (2, 8, 6, 6)], ids=["wide-rows", "odd", "c8"])
+def test_channels_last_batch_norm_matches_pytorch(shape):
+    # The fast path's own backward for small channel counts (DFvT-T's stem): values, gradients, running statistics.
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(shape, dtype=torch.float64, generator=gen)
+    ours, reference = torch.nn.BatchNorm2d(shape[1]).double(), torch.nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        for bn in (ours, reference):
+            bn.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    results = []
+    for bn, run in ((ours, batch_norm), (reference, lambda t, m: m(t))):
+        inp = x.clone().requires_grad_(True)
+        out = run(inp, bn)
+        results.append((out, *torch.autograd.grad(out, (inp, bn.weight, bn.bias), grad_out)))
+    assert type(results[0][0].grad_fn).__name__ == "ChannelsLastBatchNormBackward"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, rtol=1e-12, atol=0, msg=name)
+
+
+def test_batch_norm_keeps_pytorch_kernel_elsewhere():
+    x = torch.randn(2, 48, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert type(batch_norm(x, torch.nn.BatchNorm2d(48)).grad_fn).__name__.startswith("NativeBatchNorm")
+    small = torch.randn(2, 24, 4, 4, requires_grad=True)  # NCHW
+    assert type(batch_norm(small, torch.nn.BatchNorm2d(24)).grad_fn).__name__.startswith("NativeBatchNorm")
 
 
 @pytest.fixture
