@@ -15,8 +15,11 @@ default fast one, which
 - gathers space-to-depth in one copy, and windows and heads of q, k, v in one copy;
 - adds relative position bias and shift mask as one additive mask, in ``scaled_dot_product_attention``
   (or, on CPU when the mask needs a gradient, in plain matmuls: SDPA's math kernel is slower there);
-- on CPU, folds eval-mode BatchNorm into the preceding convolution from the current parameters
-  on every call (nothing is cached) and applies SiLU in place where autograd does not need it;
+- on CPU, runs pointwise convolutions of channels-last maps as one matrix product, folds eval-mode
+  BatchNorm into the preceding convolution from the current parameters on every call (nothing is
+  cached), differentiates training-mode BatchNorm with its own backward where PyTorch's
+  channels-last kernel is slow (DFvT-T's 24 stem channels), and applies SiLU in place where
+  autograd does not need it;
 - blends the DANE gate with one ``lerp``.
 """
 
