@@ -108,8 +108,9 @@ class ChannelsLastBatchNorm(torch.autograd.Function):
 def batch_norm(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
     """``bn(x)``; in training, through :class:`ChannelsLastBatchNorm` where PyTorch's CPU kernel is slow.
 
-    That is a channels-last map on CPU with fewer than 32 channels, not a multiple of 16 (measured: 24 channels
-    take 12 ms instead of 22 for DFvT-T's stem at batch 16; 16, 32 and 40 are faster in PyTorch's kernel).
+    That is a channels-last map on CPU with fewer than 32 channels, not a multiple of 16 (measured, forward and
+    backward in isolation: 12 ms instead of 22 for DFvT-T's 24-channel stem at batch 16; with 16, 32 or 40
+    channels PyTorch's kernel is the faster one).
     """
     c = x.shape[1]
     if (
