@@ -78,6 +78,14 @@ def test_measured_flops_counts_convolutions_and_matmuls():
     assert measured_flops(net, img_size=4) == 2 * (3 * 8 * 16 + 8 * 5)
 
 
+def test_measured_flops_are_the_same_on_both_paths():
+    # The fast path's eval attention is one CPU attention kernel; it must count like the straightforward matmuls.
+    model = build_model(load_config(str(ROOT / "configs" / "base.yaml")))
+    fast = measured_flops(model, 224)
+    model.set_fast_path(False)
+    assert fast == measured_flops(model, 224)
+
+
 def test_measured_flops_of_tiny_is_in_range_of_analytic():
     model = build_model(load_config(str(ROOT / "configs" / "tiny.yaml")))
     measured = measured_flops(model, 224)
