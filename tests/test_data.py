@@ -26,6 +26,7 @@ from data import (
     prepare_digits,
 )
 from data.digits import MARKER
+from data.transforms import augment_ops, posterize
 from models import build_model
 from tests.conftest import write_zip_dataset
 
@@ -193,6 +194,31 @@ def test_train_transform_follows_the_config(image_folder):
     assert not {"ColorJitter", "RandomErasing"} & set(names(off))
     x = build_transform(True, default)(Image.open(image_folder / "train" / "a" / "0.jpg").convert("RGB"))
     assert x.shape == (3, IMG, IMG)
+
+
+@pytest.mark.parametrize("policy", ["rand-m10-mstd0-inc1", "augmix-m10-w3", "original"])
+def test_augmentation_at_top_magnitude_never_fails(image_folder, policy):
+    # RandAugment's top level asks posterize for 0 bits: a black image, where Pillow >= 13 would raise.
+    config = cfg(image_folder, "AUG.AUTO_AUGMENT", policy)
+    transform = build_transform(True, config)
+    posterizes = [op for op in augment_ops(transform) if op.name.startswith("Posterize")]
+    assert posterizes and all(op.aug_fn is posterize for op in posterizes)
+    image = Image.open(image_folder / "train" / "a" / "0.jpg").convert("RGB")
+    if policy.startswith("rand"):
+        op = posterizes[0]
+        op.prob = 1.0
+        assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+        op.prob = 0.5
+    np.random.seed(0)
+    for _ in range(150):  # ~10 posterize draws at 0 bits for the RandAugment policy
+        assert transform(image).shape == (3, IMG, IMG)
+
+
+def test_posterize_keeps_the_top_bits():
+    image = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert np.array_equal(np.asarray(posterize(image, 3)), np.arange(256).reshape(16, 16) & 0b11100000)
+    assert posterize(image, 8) is image
+    assert posterize(image, 0).getextrema() == (0, 0) and posterize(image, -2).size == image.size
 
 
 def test_bad_transform_settings_are_config_errors(image_folder):
