@@ -128,8 +128,10 @@ def test_json_output_matches_and_batching_does_not_matter(setup):
         expected = expected_probs(setup["model"], Path(result["path"]))
         top = expected.topk(3)
         assert [p["class"] for p in result["predictions"]] == top.indices.tolist()
-        # float32 rounding differs with the batch size (matrix products block differently): 1e-5 relative.
-        assert [p["prob"] for p in result["predictions"]] == pytest.approx(top.values.tolist(), rel=1e-5, abs=1e-6)
+        # float32 rounding differs with the batch size and thread count (matrix products block differently); the
+        # logits of the head scaled by 20 carry it into the probabilities: 1.1e-5 relative was seen, so the
+        # project's float32 bound of 1e-4 applies.
+        assert [p["prob"] for p in result["predictions"]] == pytest.approx(top.values.tolist(), rel=1e-4, abs=1e-6)
         assert all(p["name"] == ImageNetInfo().index_to_description(p["class"]) for p in result["predictions"])
 
 
