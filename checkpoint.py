@@ -1,4 +1,6 @@
-"""Checkpoint files: atomic saving, safe loading (ours and the upstream format), and restoring runs from them."""
+"""Checkpoint files: atomic saving, safe reading (ours and the upstream format), the newest resumable file of a run,
+and the random-generator states a checkpoint carries. Nothing here knows the model (``models.weights`` loads weights
+into one)."""
 
 from __future__ import annotations
 
@@ -10,23 +12,15 @@ import random
 import re
 import tempfile
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+
+from errors import CheckpointError
+from utils import strip_wrapper_prefixes
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
-CONFIGS = Path(__file__).parent / "configs"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message names where, and the last good checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -179,82 +173,8 @@ def model_state_of(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
             f"Checkpoint {path} holds no model weights (expected a 'model' state_dict or a raw state_dict); "
             f"pass a DFvT checkpoint."
         )
-    # Weights saved from a DistributedDataParallel or compiled wrapper carry a name prefix.
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def architecture_of(state: dict[str, torch.Tensor]) -> tuple | None:
-    """(embed dim, depths, heads, MLP ratio) read off a DFvT state_dict, or None if it is not one."""
-    try:
-        embed = state["patch_embed.proj2.weight"].shape[0]
-        depths, heads = [], []
-        i = 0
-        while f"layers.{i}.blocks.0.norm1.weight" in state:
-            depths.append(len({k.split(".")[3] for k in state if k.startswith(f"layers.{i}.blocks.")}))
-            heads.append(state[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
-            i += 1
-        mlp = state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed
-    except (KeyError, IndexError, ZeroDivisionError):
-        return None
-    return embed, tuple(depths), tuple(heads), mlp
-
-
-def suggest_config(state: dict[str, torch.Tensor]) -> str:
-    """A hint naming the config in ``configs/`` whose architecture the weights have, if any."""
-    from config import load_config  # deferred: config.py is only needed for this hint
-
-    arch = architecture_of(state)
-    if arch is None:
-        return "these weights are not a DFvT model"
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        m = load_config(str(path)).MODEL.DFVT
-        if (m.EMBED_DIM, tuple(m.DEPTHS), tuple(m.NUM_HEADS), m.MLP_RATIO) == arch:
-            name = {"tiny": "DFvT-T", "small": "DFvT-S", "base": "DFvT-B"}.get(path.stem, path.stem)
-            return f"this looks like {name}: use configs/{path.name}"
-    embed, depths, heads, mlp = arch
-    return f"its architecture is EMBED_DIM {embed}, DEPTHS {list(depths)}, NUM_HEADS {list(heads)}, MLP_RATIO {mlp}"
-
-
-def load_model_weights(
-    model: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: tuple[str, ...] = ()
-) -> None:
-    """Load ``state`` into ``model`` strictly (except keys in ``ignore``), or explain the mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and k not in ignore]
-    unexpected = [k for k in state if k not in own and k not in ignore]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and k not in ignore and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", wrong))
-            if items
-        )
-        raise CheckpointError(f"Checkpoint {path} does not fit this model ({details}); {suggest_config(state)}.")
-    model.load_state_dict({k: v for k, v in state.items() if k not in ignore}, strict=not ignore)
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike, logger: logging.Logger) -> None:
-    """Weights only, for fine-tuning or inference: strict, except a classifier whose class count differs,
-    which is re-initialised (and logged)."""
-    path = os.fspath(path)
-    state = model_state_of(load_file(path), path)
-    own = model.state_dict()
-    head = tuple(k for k in ("head.weight", "head.bias") if k in state or k in own)
-    if any(k not in state or k not in own or state[k].shape != own[k].shape for k in head):
-        load_model_weights(model, state, path, ignore=head)
-        model.reset_classifier(model.num_classes)
-        classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        logger.info(f"{path}: head re-initialised ({classes} classes in the file, {model.num_classes} here)")
-    else:
-        load_model_weights(model, state, path)
-    logger.info(f"Loaded weights from {path} (strict: every key and shape matched)")
+    # Weights saved from a DistributedDataParallel or compiled wrapper carry name prefixes.
+    return {strip_wrapper_prefixes(k): v for k, v in state.items()}
 
 
 def find_resumable(folder: str, logger: logging.Logger) -> tuple[str, Any] | None:

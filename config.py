@@ -6,17 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 from yacs.config import CfgNode as CN
 
+from errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message says which and how to fix it."""
-
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the variants' and recipes' YAML files
 
 _C = CN()
-_C.BASE = [""]  # YAML files merged before this one (paths relative to it)
+_C.BASE = []  # YAML files merged before this one (paths relative to it)
 
 # Data
 _C.DATA = CN()
@@ -57,7 +57,7 @@ _C.MODEL.DFVT.FAST_PATH = True  # fast execution path (same function and weights
 
 # Training
 _C.TRAIN = CN()
-_C.TRAIN.START_EPOCH = 0  # first epoch (set by resume)
+_C.TRAIN.START_EPOCH = 0  # first epoch to run (a resumed run continues after its checkpoint's epoch instead)
 _C.TRAIN.EPOCHS = 300  # total epochs
 _C.TRAIN.WARMUP_EPOCHS = 20  # linear warm-up epochs
 _C.TRAIN.WEIGHT_DECAY = 0.05  # weight decay of the decayed parameter groups
@@ -101,7 +101,6 @@ _C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range, as fractions of the 
 # Testing
 _C.TEST = CN()
 _C.TEST.CROP = True  # resize to IMG_SIZE/0.875 then centre-crop (else resize straight to IMG_SIZE)
-_C.TEST.SEQUENTIAL = False  # unused by the distributed evaluator (every image is seen once); kept for upstream configs
 
 # Throughput measurement
 _C.THROUGHPUT = CN()
@@ -118,7 +117,6 @@ _C.PRINT_FREQ = 10  # log every PRINT_FREQ steps
 _C.SEED = 0  # random seed (offset by the rank)
 _C.EVAL_MODE = False  # evaluate only
 _C.THROUGHPUT_MODE = False  # measure throughput only
-_C.LOCAL_RANK = 0  # this process's GPU index on its node (set by the launcher)
 
 
 def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
@@ -135,7 +133,7 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
         raise ConfigError(f"Config file {path} is not valid YAML ({e}); fix its syntax.") from e
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of KEY: value, got {type(data).__name__}.")
-    for base in data.get("BASE", [""]):
+    for base in data.get("BASE") or []:
         if base:
             _merge_yaml(config, path.parent / base)
     config.defrost()
@@ -171,6 +169,15 @@ def get_default_config() -> CN:
     return _C.clone()
 
 
+def set_key(config: CN, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (e.g. ``"DATA.IMG_SIZE"``) of an unfrozen ``config`` to ``value``."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 # Command-line shortcuts: argparse destination -> config key.
 _ARG_TO_KEY = {
     "batch_size": "DATA.BATCH_SIZE",
@@ -195,10 +202,7 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
     for dest, key in _ARG_TO_KEY.items():
         value = getattr(args, dest, None)
         if value is not None:
-            node, leaf = config, key.split(".")
-            for part in leaf[:-1]:
-                node = node[part]
-            node[leaf[-1]] = value
+            set_key(config, key, value)
     if getattr(args, "zip", False):
         config.DATA.ZIP_MODE = True
     if getattr(args, "use_checkpoint", False):
@@ -211,7 +215,5 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         config.THROUGHPUT_MODE = True
     if config.AMP_OPT_LEVEL == "O0":
         config.AMP_ENABLE = False
-    if getattr(args, "local_rank", None) is not None:
-        config.LOCAL_RANK = args.local_rank
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()

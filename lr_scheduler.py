@@ -6,40 +6,41 @@ The schedules are timm schedulers (``timm.scheduler.scheduler.Scheduler``), so a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from yacs.config import CfgNode
 
-from config import ConfigError
+from errors import ConfigError
 
 REFERENCE_BATCH = 512  # the total batch the configured LRs are given for
 SCHEDULERS = ("cosine", "linear", "step")
 
 
-def linear_scaled_lrs(config: CfgNode, world_size: int) -> tuple[float, float, float]:
-    """``(BASE_LR, WARMUP_LR, MIN_LR)`` × total batch / 512.
+class LearningRates(NamedTuple):
+    """The peak, warm-up start and final LRs of a run (for a group of ``lr_scale`` 1)."""
+
+    base: float
+    warmup: float
+    min: float
+
+
+def configured_lrs(config: CfgNode) -> LearningRates:
+    """``TRAIN.BASE_LR``, ``TRAIN.WARMUP_LR`` and ``TRAIN.MIN_LR`` as configured (unscaled)."""
+    t = config.TRAIN
+    return LearningRates(float(t.BASE_LR), float(t.WARMUP_LR), float(t.MIN_LR))
+
+
+def linear_scaled_lrs(config: CfgNode, world_size: int) -> LearningRates:
+    """The configured LRs × total batch / 512; the config is left as it is.
 
     Total batch = ``DATA.BATCH_SIZE`` (per process) × ``world_size`` × ``TRAIN.ACCUMULATION_STEPS``.
     """
-    t = config.TRAIN
-    total_batch = config.DATA.BATCH_SIZE * world_size * t.ACCUMULATION_STEPS
+    total_batch = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / REFERENCE_BATCH
-    return t.BASE_LR * factor, t.WARMUP_LR * factor, t.MIN_LR * factor
-
-
-def apply_lr_scaling(config: CfgNode, world_size: int) -> tuple[float, float, float]:
-    """Write :func:`linear_scaled_lrs` into ``config.TRAIN`` (call once per run) and return them.
-
-    The config keeps its frozen/unfrozen state.
-    """
-    base, warmup, minimum = linear_scaled_lrs(config, world_size)
-    frozen = config.is_frozen()
-    config.defrost()
-    config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR = base, warmup, minimum
-    if frozen:
-        config.freeze()
-    return base, warmup, minimum
+    return LearningRates(*(lr * factor for lr in configured_lrs(config)))
 
 
 def optimizer_steps_per_epoch(micro_batches: int, accumulation_steps: int) -> int:
@@ -94,7 +95,9 @@ class LinearLRScheduler(Scheduler):
         return [v + (self.lr_min - v) * frac for v in self.base_values]
 
 
-def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
+def build_scheduler(
+    config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lrs: LearningRates | None = None
+) -> Scheduler:
     """The ``TRAIN.LR_SCHEDULER.NAME`` schedule (``cosine``, ``linear`` or ``step``), counted in optimizer steps.
 
     Contract with the training loop:
@@ -105,15 +108,16 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per
     * After each optimizer step call ``scheduler.step_update(n)`` with ``n`` the number of optimizer
       steps done so far in the whole run (``epoch * steps_per_epoch + steps done this epoch``); it sets
       the LR of the next step. Never call it per micro-batch, nor ``scheduler.step(epoch)``.
-    * The first step runs at ``TRAIN.WARMUP_LR`` (set here); the LR rises linearly to ``TRAIN.BASE_LR`` at
-      ``n = WARMUP_EPOCHS * steps_per_epoch`` and (cosine, linear) reaches ``TRAIN.MIN_LR`` at
+    * The first step runs at ``lrs.warmup`` (set here); the LR rises linearly to the base LR at
+      ``n = WARMUP_EPOCHS * steps_per_epoch`` and (cosine, linear) reaches ``lrs.min`` at
       ``n = EPOCHS * steps_per_epoch``. Every value is multiplied by a group's ``lr_scale``.
 
-    The LRs are taken from the optimizer's ``initial_lr`` (``TRAIN.BASE_LR``) and from ``TRAIN.WARMUP_LR`` /
-    ``TRAIN.MIN_LR``, so scale them first (:func:`apply_lr_scaling`). On resume, load the saved
-    ``state_dict()`` with ``load_state_dict``.
+    The base LR is each group's ``initial_lr`` (set by ``optimizer.build_optimizer``); ``lrs`` defaults to the
+    configured, unscaled values (:func:`configured_lrs`; a run passes :func:`linear_scaled_lrs`). On resume, load
+    the saved ``state_dict()`` with ``load_state_dict``.
     """
     t = config.TRAIN
+    lrs = lrs or configured_lrs(config)
     name = str(t.LR_SCHEDULER.NAME).lower()
     if name not in SCHEDULERS:
         raise ConfigError(
@@ -124,7 +128,7 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per
     if t.WARMUP_EPOCHS < 0:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS {t.WARMUP_EPOCHS} must be >= 0.")
     warmup_t = int(t.WARMUP_EPOCHS * steps_per_epoch)
-    warmup = {"warmup_t": warmup_t, "warmup_lr_init": t.WARMUP_LR, "t_in_epochs": False}
+    warmup = {"warmup_t": warmup_t, "warmup_lr_init": lrs.warmup, "t_in_epochs": False}
     if name == "step":
         decay_t = int(t.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch)
         if decay_t < 1:
@@ -139,5 +143,5 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per
             f"(lower TRAIN.WARMUP_EPOCHS for short runs)."
         )
     if name == "linear":
-        return LinearLRScheduler(optimizer, t_initial=decay_t, lr_min=t.MIN_LR, **warmup)
-    return CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=t.MIN_LR, cycle_limit=1, warmup_prefix=True, **warmup)
+        return LinearLRScheduler(optimizer, t_initial=decay_t, lr_min=lrs.min, **warmup)
+    return CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=lrs.min, cycle_limit=1, warmup_prefix=True, **warmup)

@@ -30,11 +30,11 @@ from timm.data import ImageNetInfo
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
-from checkpoint import CheckpointError, load_file, load_model_weights, model_state_of
-from config import ConfigError, load_config
-from data import DataError, build_transform, load_rgb_image
-from models import build_model
-from models.dfvt import DFvT
+from checkpoint import load_file, model_state_of
+from config import load_config
+from data import build_transform, load_rgb_image
+from errors import CheckpointError, ConfigError, DataError
+from models import DFvT, build_model, load_model_weights
 
 IMAGENET_CLASSES = 1000
 
@@ -94,9 +94,8 @@ def load_classifier(args: argparse.Namespace) -> tuple[DFvT, CfgNode, Any]:
         raise CheckpointError(
             f"Checkpoint {args.resume} has no classifier (no head.weight); pass a trained classifier."
         )
-    num_classes = state["head.weight"].shape[0]
-    config = load_config(args.cfg, [*(args.opts or []), "MODEL.NUM_CLASSES", str(num_classes)])
-    model = build_model(config)
+    config = load_config(args.cfg, args.opts)
+    model = build_model(config, num_classes=state["head.weight"].shape[0])
     load_model_weights(model, state, args.resume)
     return model.eval(), config, ckpt
 
@@ -131,6 +130,13 @@ def class_names(num_classes: int, ckpt: Any, names_source: str | None) -> list[s
     return [f"class {i}" for i in range(num_classes)]
 
 
+def format_prediction(pred: dict[str, Any]) -> str:
+    """One text line: probability, class index and name, e.g. ``  81.20%  class 281: tabby, tabby cat``."""
+    index, name = pred["class"], pred["name"]
+    label = name if name == f"class {index}" else f"class {index}: {name}"
+    return f"  {100 * pred['prob']:6.2f}%  {label}"
+
+
 def batches(
     paths: list[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
@@ -162,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     k = min(args.topk, model.num_classes)
+    if k < args.topk:
+        print(
+            f"note: --topk {args.topk} exceeds the model's {model.num_classes} classes; printing {k}", file=sys.stderr
+        )
 
     paths, errors = find_images(args.images)
     for error in errors:
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.json:
                     print(path)
                     for pred in predictions:
-                        print(f"  {pred['prob']:.4f}  {pred['class']:>4}  {pred['name']}")
+                        print(format_prediction(pred))
     if args.json:
         print(json.dumps({"images": results, "errors": errors}, indent=2))
     return 0 if results else 1

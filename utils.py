@@ -69,12 +69,6 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """Wait for every process (no-op when running alone)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum each value over all processes (float64, so counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -91,7 +85,7 @@ def set_seed(seed: int) -> None:
 
 
 class SmoothedValue:
-    """Tracks a series: the median and mean of a recent window, and the global average.
+    """Tracks a series: its latest value, the mean of a recent window, and the global average.
 
     Args:
         window: how many recent values the smoothed figures use.
@@ -112,16 +106,22 @@ class SmoothedValue:
         return self.recent[-1] if self.recent else float("nan")
 
     @property
-    def median(self) -> float:
-        return float(np.median(self.recent)) if self.recent else float("nan")
-
-    @property
     def avg(self) -> float:
         return float(np.mean(self.recent)) if self.recent else float("nan")
 
     @property
     def global_avg(self) -> float:
         return self.total / self.count if self.count else float("nan")
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added to parameter names by DDP / DataParallel and torch.compile
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """``name`` without the leading ``module.`` / ``_orig_mod.`` prefixes of DDP and torch.compile wrappers."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.removeprefix("module.").removeprefix("_orig_mod.")
+    return name
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

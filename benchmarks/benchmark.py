@@ -38,7 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import load_config  # noqa: E402
+from config import CONFIGS_DIR, load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from utils import unwrap_model  # noqa: E402
@@ -88,7 +88,7 @@ def machine_description(device: torch.device) -> str:
 def build(variant: str, path: str, device: torch.device) -> nn.Module:
     """The variant as ``build_model`` returns it, on the requested path."""
     opts = ["MODEL.DFVT.FAST_PATH", str(path != "straightforward")]
-    return build_model(load_config(str(ROOT / "configs" / f"{variant}.yaml"), opts)).to(device)
+    return build_model(load_config(str(CONFIGS_DIR / f"{variant}.yaml"), opts)).to(device)
 
 
 def autocast(device: torch.device, amp: bool) -> AbstractContextManager:

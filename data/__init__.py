@@ -1,15 +1,15 @@
 """Datasets, transforms and distributed loaders: ImageNet folders, zip archives and the built-in digits demo."""
 
-from .build import build_loader, dist_rank_world
+from .build import Data, DataInfo, build_loader, dist_rank_world
 from .digits import prepare_digits
-from .errors import DataError
 from .images import decode_rgb_image, load_rgb_image
 from .samplers import ShardedEvalSampler, ShardRandomSampler
 from .transforms import build_mixup, build_transform
 from .zip_dataset import ZipImageDataset, parse_map_file
 
 __all__ = [
-    "DataError",
+    "Data",
+    "DataInfo",
     "ShardRandomSampler",
     "ShardedEvalSampler",
     "ZipImageDataset",

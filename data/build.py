@@ -1,7 +1,9 @@
-"""``build_loader(config)``: datasets, distributed loaders and Mixup from the config, after checking the data."""
+"""``build_loader(config)``: datasets, distributed loaders and Mixup from the config, after checking the data, and
+what the data decides (class count and names) as a :class:`DataInfo`; the config is never changed."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,10 +12,9 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
-from config import ConfigError
+from errors import ConfigError, DataError
 
 from .digits import prepare_digits
-from .errors import DataError
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
 from .samplers import ShardedEvalSampler, ShardRandomSampler
 from .transforms import build_mixup, build_transform
@@ -21,6 +22,34 @@ from .zip_dataset import CACHE_MODES, ZipImageDataset, parse_map_file
 
 DATASETS = ("imagenet", "folder", "digits")
 ZIP_LAYOUT = "<root>/train.zip, <root>/train_map.txt, <root>/val.zip, <root>/val_map.txt"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the data decides, for the model and the logs.
+
+    Args:
+        root: the folder the data was read from (for the digits demo, where it was written).
+        num_classes: classes of the model's head (counted from the folders, or max label + 1 of the zip maps).
+        class_names: the class folders in label order, or None (zip maps carry labels only).
+        num_train, num_val: images in the training split (None when it is not read) and the validation split.
+    """
+
+    root: Path
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    num_train: int | None
+    num_val: int
+
+
+@dataclass(frozen=True)
+class Data:
+    """The loaders of one process: ``train`` and ``mixup_fn`` are None in ``EVAL_MODE``."""
+
+    info: DataInfo
+    train: DataLoader | None
+    val: DataLoader
+    mixup_fn: Mixup | None
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -66,27 +95,18 @@ def _zip_files(root: Path, split: str) -> tuple[Path, Path]:
     return zip_path, map_path
 
 
-def _set(config: CfgNode, key: str, value: object) -> None:
-    """Set ``config.<key>`` (two levels), keeping the frozen state."""
-    frozen = config.is_frozen()
-    config.defrost()
-    section, leaf = key.split(".")
-    config[section][leaf] = value
-    if frozen:
-        config.freeze()
-
-
-def _set_num_classes(config: CfgNode, num_classes: int, root: Path) -> None:
+def _check_num_classes(config: CfgNode, num_classes: int, root: Path) -> None:
     if config.DATA.DATASET == "imagenet" and num_classes != config.MODEL.NUM_CLASSES:
         raise DataError(
             f"{root} has {num_classes} classes but DATA.DATASET imagenet expects MODEL.NUM_CLASSES "
             f"{config.MODEL.NUM_CLASSES}; for another dataset pass --opts DATA.DATASET folder (classes are counted)."
         )
-    _set(config, "MODEL.NUM_CLASSES", num_classes)
 
 
-def _build_datasets(config: CfgNode, root: Path, train: bool, rank: int, world: int) -> tuple[Dataset | None, Dataset]:
-    """Check the data under ``root``, set ``MODEL.NUM_CLASSES``, then build the (train, val) datasets."""
+def _build_datasets(
+    config: CfgNode, root: Path, train: bool, rank: int, world: int
+) -> tuple[Dataset | None, Dataset, int, tuple[str, ...] | None]:
+    """Check the data under ``root``, then build the (train, val) datasets; also the class count and names."""
     tf_train = build_transform(True, config) if train else None
     tf_val = build_transform(False, config)
     if config.DATA.ZIP_MODE:
@@ -95,20 +115,21 @@ def _build_datasets(config: CfgNode, root: Path, train: bool, rank: int, world: 
         val_samples = parse_map_file(val_files[1])
         train_map = train_files[1] if train_files else root / "train_map.txt"
         train_samples = parse_map_file(train_map) if train or train_map.is_file() else []
-        _set_num_classes(config, max(label for _, label in val_samples + train_samples) + 1, root)
+        num_classes = max(label for _, label in val_samples + train_samples) + 1
+        _check_num_classes(config, num_classes, root)
         mode = config.DATA.CACHE_MODE
         ds_val = ZipImageDataset(*val_files, tf_val, mode, rank, world, samples=val_samples)
         ds_train = ZipImageDataset(*train_files, tf_train, mode, rank, world, samples=train_samples) if train else None
-        return ds_train, ds_val
+        return ds_train, ds_val, num_classes, None
     val_classes = check_split_folder(root, "val")
     if train:
         check_same_classes(root, check_split_folder(root, "train"), val_classes)
-    _set_num_classes(config, len(val_classes), root)
+    _check_num_classes(config, len(val_classes), root)
     ds_train = build_image_folder(root, "train", tf_train) if train else None
-    return ds_train, build_image_folder(root, "val", tf_val)
+    return ds_train, build_image_folder(root, "val", tf_val), len(val_classes), tuple(val_classes)
 
 
-def _train_sampler(config: CfgNode, dataset: Dataset, rank: int, world: int) -> Sampler[int]:
+def _train_sampler(config: CfgNode, dataset: Dataset, root: Path, rank: int, world: int) -> Sampler[int]:
     n = len(dataset)
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
         # Each process only holds its shard; all take len // world per epoch so every rank runs the same steps.
@@ -117,28 +138,25 @@ def _train_sampler(config: CfgNode, dataset: Dataset, rank: int, world: int) -> 
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(
-            f"the training set {config.DATA.DATA_PATH} ({n} images over {world} process(es)) gives each process "
+            f"the training set {root} ({n} images over {world} process(es)) gives each process "
             f"{len(sampler)} images, fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}, so an epoch would have no "
             f"full batch; lower --batch-size or add images."
         )
     return sampler
 
 
-def build_loader(
-    config: CfgNode,
-) -> tuple[Dataset | None, Dataset, DataLoader | None, DataLoader, Mixup | None]:
-    """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this process.
+def build_loader(config: CfgNode) -> Data:
+    """This process's loaders and Mixup, and what the data decided (:class:`DataInfo`).
 
-    Sets ``MODEL.NUM_CLASSES`` from the data (and ``DATA.DATA_PATH`` for the digits demo). In ``EVAL_MODE`` the
-    training entries and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before anything is loaded.
+    In ``EVAL_MODE`` the training loader and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before
+    anything is loaded.
     """
     _check_config(config)
     rank, world = dist_rank_world()
     train = not config.EVAL_MODE
     root = _data_root(config)
-    if config.DATA.DATASET == "digits":
-        _set(config, "DATA.DATA_PATH", str(root))
-    ds_train, ds_val = _build_datasets(config, root, train, rank, world)
+    ds_train, ds_val, num_classes, class_names = _build_datasets(config, root, train, rank, world)
+    info = DataInfo(root, num_classes, class_names, len(ds_train) if ds_train is not None else None, len(ds_val))
 
     workers = config.DATA.NUM_WORKERS
     common = {
@@ -150,8 +168,8 @@ def build_loader(
     }
     loader_train = None
     if ds_train is not None:
-        sampler = _train_sampler(config, ds_train, rank, world)
+        sampler = _train_sampler(config, ds_train, root, rank, world)
         loader_train = DataLoader(ds_train, sampler=sampler, drop_last=True, **common)
     loader_val = DataLoader(ds_val, sampler=ShardedEvalSampler(len(ds_val), rank, world), drop_last=False, **common)
-    mixup_fn = build_mixup(config) if train else None
-    return ds_train, ds_val, loader_train, loader_val, mixup_fn
+    mixup_fn = build_mixup(config, num_classes) if train else None
+    return Data(info, loader_train, loader_val, mixup_fn)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from errors import DataError
 
 DEFAULT_ROOT = Path("datasets") / "digits"  # under the current directory, when DATA.DATA_PATH is empty
 MARKER = ".digits_complete.json"  # written last, inside the tree: its presence means the tree is complete

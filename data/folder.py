@@ -9,7 +9,8 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import DataError
+from errors import DataError
+
 from .images import load_rgb_image
 
 LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"

@@ -7,7 +7,7 @@ import os
 
 from PIL import Image
 
-from .errors import DataError
+from errors import DataError
 
 
 def _unreadable(source: str, err: Exception) -> DataError:

@@ -11,7 +11,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode
 
-from config import ConfigError
+from errors import ConfigError
 
 # Evaluation has no random interpolation; like upstream, "random" evaluates with bilinear.
 EVAL_INTERPOLATION = {
@@ -89,7 +89,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     )
 
 
-def build_mixup(config: CfgNode) -> Mixup | None:
+def build_mixup(config: CfgNode, num_classes: int) -> Mixup | None:
     """timm ``Mixup`` (mixes images, returns soft smoothed targets) when Mixup or CutMix is on, else None."""
     a = config.AUG
     if not (a.MIXUP > 0 or a.CUTMIX > 0 or a.CUTMIX_MINMAX is not None):
@@ -109,5 +109,5 @@ def build_mixup(config: CfgNode) -> Mixup | None:
         switch_prob=a.MIXUP_SWITCH_PROB,
         mode=a.MIXUP_MODE,
         label_smoothing=config.MODEL.LABEL_SMOOTHING,
-        num_classes=config.MODEL.NUM_CLASSES,
+        num_classes=num_classes,
     )

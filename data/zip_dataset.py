@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from .errors import DataError
+from errors import DataError
+
 from .images import decode_rgb_image
 
 CACHE_MODES = ("no", "part", "full")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from yacs.config import CfgNode
 
-from config import ConfigError
+from errors import ConfigError
 
 from .dfvt import DFvT
 
 STEM_STRIDE = 4  # two stride-2 convolutions
 
 
-def _check_architecture(config: CfgNode) -> None:
+def _check_architecture(config: CfgNode, num_classes: int) -> None:
     """Raise :class:`ConfigError` naming the key when the architecture keys are inconsistent."""
     m = config.MODEL.DFVT
     depths, heads = list(m.DEPTHS), list(m.NUM_HEADS)
@@ -54,21 +54,25 @@ def _check_architecture(config: CfgNode) -> None:
                 f"{m.WINDOW_SIZE} windows cannot tile; use an image size whose stage grids are multiples of the "
                 f"window (e.g. 224 for window 7)."
             )
-    if config.MODEL.NUM_CLASSES < 0:
-        raise ConfigError(f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} must be >= 0 (0 gives pooled features).")
+    if num_classes < 0:
+        raise ConfigError(f"MODEL.NUM_CLASSES {num_classes} must be >= 0 (0 gives pooled features).")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE {config.MODEL.DROP_PATH_RATE} must be in [0, 1).")
 
 
-def build_model(config: CfgNode) -> DFvT:
-    """The DFvT described by ``config.MODEL`` and ``config.DATA.IMG_SIZE``, freshly initialised."""
-    _check_architecture(config)
+def build_model(config: CfgNode, num_classes: int | None = None) -> DFvT:
+    """The DFvT described by ``config.MODEL`` and ``config.DATA.IMG_SIZE``, freshly initialised.
+
+    ``num_classes`` (e.g. what the data decided, :class:`data.DataInfo`) overrides ``MODEL.NUM_CLASSES``.
+    """
+    num_classes = config.MODEL.NUM_CLASSES if num_classes is None else num_classes
+    _check_architecture(config, num_classes)
     m = config.MODEL.DFVT
     return DFvT(
         img_size=config.DATA.IMG_SIZE,
         patch_size=m.PATCH_SIZE,
         in_chans=m.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
+        num_classes=num_classes,
         embed_dim=m.EMBED_DIM,
         depths=tuple(m.DEPTHS),
         num_heads=tuple(m.NUM_HEADS),

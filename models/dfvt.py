@@ -1,168 +1,56 @@
-"""DFvT: Doubly-Fused ViT (Gao et al., "Doubly-Fused ViT: Fuse Information from Vision
-Transformer Doubly with Local Representation", ECCV 2022).
+"""DFvT: Doubly-Fused ViT (Gao et al., "Doubly-Fused ViT: Fuse Information from Vision Transformer Doubly with Local
+Representation", ECCV 2022).
 
-A four-stage hierarchy in which every stage runs a convolutional branch (local detail and
-down-sampling) beside a window-attention branch. The two are fused at the stage input by
-addition and inside every transformer block by the learned DANE gate.
+A four-stage hierarchy in which every stage runs a convolutional branch (local detail and down-sampling) beside a
+window-attention branch. The two are fused at the stage input by addition and inside every transformer block by the
+learned DANE gate. The classes below follow the forward pass: stem, convolutional branch, window attention, DANE
+gate, block, stage, DFvT. Module and parameter names equal the ``state_dict`` keys of the released checkpoints.
 
-Module and parameter names equal the ``state_dict`` keys of the released checkpoints.
-
-Two execution paths compute the same function from the same parameters, chosen by ``fast_path``
-(``DFvT.set_fast_path``): the straightforward one, written like the upstream code, and the
-default fast one, which
-- keeps the convolutional branch channels-last from the stem on, so token and map form are views
-  of one another and the convolutions, max-pool and BatchNorms run in their fast layout;
-- gathers space-to-depth in one copy, and windows and heads of q, k, v in one copy;
-- adds relative position bias and shift mask as one additive mask, in ``scaled_dot_product_attention``
-  (or, on CPU when the mask needs a gradient, in plain matmuls: SDPA's math kernel is slower there);
-- on CPU, runs pointwise convolutions of channels-last maps as one matrix product, folds eval-mode
-  BatchNorm into the preceding convolution from the current parameters on every call (nothing is
-  cached), differentiates training-mode BatchNorm with its own backward where PyTorch's
-  channels-last kernel is slow (DFvT-T's 24 stem channels), and applies SiLU in place where
-  autograd does not need it;
-- blends the DANE gate with one ``lerp``.
+Each layer is written once, the way the paper describes it. Two layers also have a faster computation of the same
+function from the same parameters (:mod:`models.fast_ops`), picked in their ``forward`` by ``fast_path`` (a build
+argument, on by default): :class:`ConvStack` (channels-last convolutions, folded eval BatchNorm, in-place SiLU) and
+:class:`WindowAttention` (windows and heads gathered in one copy, ``scaled_dot_product_attention`` with one additive
+mask). ``fast_path=False`` runs the plain computation everywhere; the tests check both against each other.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-SHIFT_MASK_VALUE = -100.0
+from . import fast_ops
+
+SHIFT_MASK_VALUE = -100.0  # logit added between positions a cyclic shift brought into one window
+
+
+# ----------------------------------------------------------------------------------------------- layouts
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``B × (H·W) × C`` tokens (row-major) to a ``B × C × H × W`` map."""
+    """``B × (H·W) × C`` tokens (row-major) to a ``B × C × H × W`` map (a view: channels-last strides)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``B × C × H × W`` map to ``B × (H·W) × C`` tokens (row-major)."""
+    """``B × C × H × W`` map to ``B × (H·W) × C`` tokens (row-major; a view of a channels-last map)."""
     return x.flatten(2).transpose(1, 2)
 
 
 def space_to_depth(x: torch.Tensor) -> torch.Tensor:
-    """Stack the four 2×2 sub-grids of a ``B × C × H × W`` map on the channel axis.
+    """Stack the four 2×2 sub-grids of a ``B × C × H × W`` map on the channel axis, giving ``B × 4C × H/2 × W/2``.
 
-    Order: (even rows, even cols), (odd rows, even cols), (even rows, odd cols),
-    (odd rows, odd cols), giving ``B × 4C × H/2 × W/2``.
+    Order: (even rows, even cols), (odd rows, even cols), (even rows, odd cols), (odd rows, odd cols); pixel
+    ``(2i + dy, 2j + dx)`` of channel ``k`` goes to channel ``(2·dx + dy)·C + k`` at ``(i, j)``. Computed as one
+    gather into a channels-last result (5-9 % of a CPU train step faster than concatenating four slices).
     """
-    return torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=1)
-
-
-def space_to_depth_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """:func:`space_to_depth` in one gather; a channels-last input gives a channels-last output."""
     b, c, h, w = x.shape
-    grid = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)
-    # Channel index (col parity, row parity, c) reproduces the sub-grid order of space_to_depth.
+    grid = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)  # b, i, dy, j, dx, k
     return grid.permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c).permute(0, 3, 1, 2)
-
-
-def conv2d(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv``'s convolution of ``x`` with ``weight`` and ``bias``; a pointwise one of a channels-last map is one
-    matrix product over the pixels (on CPU faster than the convolution kernel, above all in the backward pass)."""
-    pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
-    if pointwise and x.is_contiguous(memory_format=torch.channels_last):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-class ChannelsLastBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm of a channels-last map, with a backward pass that reduces over wide rows.
-
-    PyTorch's CPU backward kernel for channels-last maps vectorises over the channels and is slow for a count like
-    DFvT-T's 24 stem channels (about 3x its NCHW time). Here the ``pixels × C`` matrix is read as rows of ``k·C``
-    values (``k`` pixels), so every pass runs over long contiguous rows. The forward is PyTorch's own kernel,
-    running statistics included.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, mean, invstd = ctx.saved_tensors
-        b, c, h, w = x.shape
-        pixels, k = b * h * w, 1
-        while 2 * k * c <= 256 and pixels % (2 * k) == 0:
-            k *= 2
-        grad = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, k * c)
-        centred = x.permute(0, 2, 3, 1).reshape(-1, k * c) - mean.repeat(k)
-        grad_bias = grad.sum(0).view(k, c).sum(0)
-        grad_weight = (grad * centred).sum(0).view(k, c).sum(0) * invstd  # sum of grad × normalised x
-        # d/dx = weight·invstd·(grad − mean(grad) − x̂·mean(grad·x̂)), with x̂ = centred·invstd
-        scale = weight * invstd
-        grad_x = torch.addcmul((-scale * grad_bias / pixels).repeat(k), grad, scale.repeat(k))
-        grad_x.addcmul_(centred, (-scale * invstd * grad_weight / pixels).repeat(k))
-        return grad_x.view(b, h, w, c).permute(0, 3, 1, 2), grad_weight, grad_bias, None, None, None, None
-
-
-def batch_norm(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
-    """``bn(x)``; in training, through :class:`ChannelsLastBatchNorm` where PyTorch's CPU kernel is slow.
-
-    That is a channels-last map on CPU with fewer than 32 channels, not a multiple of 16 (measured, forward and
-    backward in isolation: 12 ms instead of 22 for DFvT-T's 24-channel stem at batch 16; with 16, 32 or 40
-    channels PyTorch's kernel is the faster one).
-    """
-    c = x.shape[1]
-    if (
-        not isinstance(bn, nn.BatchNorm2d)
-        or not (bn.training and bn.track_running_stats and bn.affine and bn.momentum is not None)
-        or x.device.type != "cpu"
-        or x.dtype != bn.weight.dtype
-        or c >= 32
-        or c % 16 == 0
-        or not x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return bn(x)
-    bn.num_batches_tracked.add_(1)
-    return ChannelsLastBatchNorm.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
-
-
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
-    """``bn(conv(x))`` with :func:`conv2d` and :func:`batch_norm`; on CPU an eval-mode BatchNorm is folded into the
-    convolution's weights at run time.
-
-    The fold saves a pass over the activation on CPU; on a GPU its five small kernels per call cost more
-    launches than the one BatchNorm kernel they replace.
-    """
-    if x.device.type != "cpu" or not isinstance(bn, nn.BatchNorm2d):
-        return bn(conv(x))
-    if bn.training or bn.running_var is None:
-        return batch_norm(conv2d(x, conv, conv.weight, conv.bias), bn)
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv2d(x, conv, conv.weight * scale.view(-1, 1, 1, 1), bias)
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when autograd does not need ``x`` (``x`` must be a fresh intermediate)."""
-    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
-
-
-def run_conv_stack(x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-    """Apply ``layers`` (convolutions, BatchNorms, SiLUs) with :func:`conv_bn` and :func:`silu`."""
-    modules = list(layers)
-    i = 0
-    while i < len(modules):
-        module = modules[i]
-        if isinstance(module, nn.Conv2d) and i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
-            x = conv_bn(x, module, modules[i + 1])
-            i += 2
-            continue
-        x = silu(x) if isinstance(module, nn.SiLU) else module(x)
-        i += 1
-    return x
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -200,6 +88,243 @@ def get_shift_attention_mask(resolution: int, window: int, shift: int) -> torch.
     return torch.zeros(differs.shape).masked_fill(differs, SHIFT_MASK_VALUE)
 
 
+# ----------------------------------------------------------------------------------------------- convolutions
+
+
+class ConvStack(nn.Sequential):
+    """Convolutions, BatchNorms and SiLUs applied in order.
+
+    Args:
+        layers: the modules, in order (an ``OrderedDict`` names them).
+        fast_path: run them through :func:`models.fast_ops.conv_stack` (same function, faster).
+    """
+
+    def __init__(self, *layers: nn.Module | OrderedDict, fast_path: bool = True) -> None:
+        super().__init__(*layers)
+        self.fast_path = fast_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path:
+            return fast_ops.conv_stack(x, self)
+        return super().forward(x)
+
+
+def conv_bn_act(channels: int, stride: int = 1, depthwise: bool = False) -> list[nn.Module]:
+    """A bias-free 1×1 (or depthwise 3×3) convolution, BatchNorm and SiLU."""
+    if depthwise:
+        conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=False)
+    else:
+        conv = nn.Conv2d(channels, channels, 1, bias=False)
+    return [conv, nn.BatchNorm2d(channels), nn.SiLU()]
+
+
+class PatchEmbed(ConvStack):
+    """Stem: two stride-2 3×3 convolutions (with bias), each followed by BatchNorm and SiLU; 4× down-sampling.
+
+    Args:
+        img_size: side of the square input image.
+        in_chans: input channels.
+        embed_dim: output channels ``E`` (the first convolution gives ``E/2``).
+        patch_norm: apply the BatchNorms (on in DFvT).
+        fast_path: see :class:`ConvStack`.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        patch_norm: bool = True,
+        fast_path: bool = True,
+    ) -> None:
+        half = embed_dim // 2
+        layers = OrderedDict(
+            proj1=nn.Conv2d(in_chans, half, 3, stride=2, padding=1),
+            norm1=nn.BatchNorm2d(half) if patch_norm else nn.Identity(),
+            act1=nn.SiLU(),
+            proj2=nn.Conv2d(half, embed_dim, 3, stride=2, padding=1),
+            norm=nn.BatchNorm2d(embed_dim) if patch_norm else nn.Identity(),
+            act2=nn.SiLU(),
+        )
+        super().__init__(layers, fast_path=fast_path)
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.resolution = img_size // 4
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the expected shape when ``x`` is not ``B × in_chans × img × img``."""
+        expected = f"B x {self.in_chans} x {self.img_size} x {self.img_size}"
+        if x.ndim != 4:
+            raise ValueError(f"DFvT expects a 4-D image batch of shape {expected}, got shape {tuple(x.shape)}.")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"DFvT expects {self.in_chans} input channels ({expected}), got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}); convert the images or set MODEL.DFVT.IN_CHANS."
+            )
+        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"DFvT was built for {self.img_size}x{self.img_size} images ({expected}), got "
+                f"{x.shape[2]}x{x.shape[3]}; resize the input or build the model with DATA.IMG_SIZE {x.shape[2]}."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return super().forward(x)
+
+    def flops(self) -> float:
+        p, e = self.resolution, self.embed_dim
+        return (
+            (p / 2) * (p / 2) * (e / 2) * 3 * 9
+            + (p / 4) * (p / 4) * e * (e / 2) * 9
+            + (p / 4) * (p / 4) * e
+            + (p / 2) * (p / 2) * (e / 2)
+        )
+
+
+class ConvBranch(nn.Module):
+    """The convolutional branch of one stage: the local map (input resolution) and, as tokens, its strided
+    projection.
+
+    Args:
+        dim: channels.
+        resolution: side of the input map (for the FLOP count).
+        stride: 2 to halve the resolution, 1 to keep it.
+        fast_path: see :class:`ConvStack`.
+    """
+
+    def __init__(self, dim: int, resolution: int, stride: int, fast_path: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.resolution = resolution
+        self.stride = stride
+        self.conv1x1_1 = ConvStack(
+            *conv_bn_act(dim), *conv_bn_act(dim, depthwise=True), *conv_bn_act(dim, depthwise=True), fast_path=fast_path
+        )
+        self.conv1 = ConvStack(*conv_bn_act(dim, stride=stride, depthwise=True), fast_path=fast_path)
+        self.conv1x1_2 = ConvStack(*conv_bn_act(dim), fast_path=fast_path)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = self.conv1x1_1(x)
+        return local, map_to_tokens(self.conv1x1_2(self.conv1(local)))
+
+    def flops(self) -> float:
+        h = w = self.resolution
+        c = self.dim
+        h2 = w2 = h / 2 if self.stride == 2 else h
+        total = h * w * c * c + h * w * c
+        total += 2 * h * w * c * 9 + 2 * h * w * c
+        total += h2 * w2 * c * 9 + h2 * w2 * c
+        total += h2 * w2 * c * c + h2 * w2 * c
+        if self.stride == 2:
+            total += h2 * w2 * 4 * c * 9 + h2 * w2 * 4 * c * c + 5 * h2 * w2 * c
+        return total
+
+
+def multiresolution_conv(dim: int, fast_path: bool = True) -> ConvStack:
+    """Projection of the space-to-depth map (``4C``) back to ``C``: depthwise 3×3, BN, 1×1, BN (no activation)."""
+    return ConvStack(
+        nn.Conv2d(4 * dim, 4 * dim, 3, padding=1, groups=4 * dim, bias=False),
+        nn.BatchNorm2d(4 * dim),
+        nn.Conv2d(4 * dim, dim, 1, bias=False),
+        nn.BatchNorm2d(dim),
+        fast_path=fast_path,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- transformer
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping windows of a token grid, with relative position bias.
+
+    Args:
+        dim: channels.
+        window_size: side of the square window.
+        num_heads: attention heads (``dim`` must be divisible by it).
+        qkv_bias: learn a bias for the query/key/value projection.
+        qk_scale: override of the default scale ``head_dim ** -0.5``.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+        fast_path: attend through :func:`models.fast_ops.window_attention` (same function, faster).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fast_path: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.fast_path = fast_path
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", get_relative_position_index(window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """The bias for one window, ``heads × w² × w²``."""
+        n = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``B × r × r × C`` token grid; ``mask``: ``nW × N × N`` additive mask or ``None``. Returns the grid."""
+        b, r, _, c = x.shape
+        w, heads = self.window_size, self.num_heads
+        qkv = self.qkv(x)  # token-wise, so it commutes with the window partition
+        bias = self.relative_position_bias()
+        if self.fast_path:
+            drop = self.attn_drop.p if self.training else 0.0
+            x = fast_ops.window_attention(qkv, bias, mask, w, heads, self.scale, drop)
+        else:
+            windows = window_partition(qkv, w)
+            bw, n, _ = windows.shape
+            q, k, v = windows.reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            if mask is not None:
+                nw = mask.shape[0]
+                attn = (attn.view(bw // nw, nw, heads, n, n) + mask[None, :, None]).view(bw, heads, n, n)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = window_reverse((attn @ v).transpose(1, 2).reshape(bw, n, c), w, r, r)
+        return self.proj_drop(self.proj(x))
+
+
+class DANEGate(nn.Module):
+    """DANE fusion: a spatial logit from the conv partner ``c`` and a channel logit from the tokens ``x`` decide, per
+    token and channel, how much of the partner replaces the token: ``m = σ(spatial + channel)``,
+    ``out = c·m + x·(1 - m)``.
+
+    Args:
+        dim: channels of both inputs.
+        reduction: bottleneck ratio of the channel branch.
+    """
+
+    def __init__(self, dim: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = dim // reduction
+        self.fc_spatial = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1, bias=False))
+        self.fc_channel = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.SiLU(), nn.LayerNorm(hidden), nn.Linear(hidden, dim, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        m = torch.sigmoid(self.fc_spatial(c) + self.fc_channel(x.mean(dim=1, keepdim=True)))
+        return c * m + x * (1 - m)
+
+
 class Mlp(nn.Module):
     """Token-wise two-layer perceptron with exact GELU.
 
@@ -220,120 +345,8 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside non-overlapping windows, with relative position bias.
-
-    Args:
-        dim: channels.
-        window_size: side of the square window.
-        num_heads: attention heads (``dim`` must be divisible by it).
-        qkv_bias: learn a bias for the query/key/value projection.
-        qk_scale: override of the default scale ``head_dim ** -0.5``.
-        attn_drop: dropout on the attention weights.
-        proj_drop: dropout after the output projection.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        window_size: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.window_size = window_size
-        self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", get_relative_position_index(window_size))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def relative_position_bias(self) -> torch.Tensor:
-        """The bias for one window, ``heads × w² × w²``."""
-        n = self.window_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(B·nW) × N × C`` windows; ``mask``: ``nW × N × N`` additive mask or ``None``."""
-        bw, n, c = x.shape
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
-            attn = attn.view(bw, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(x))
-
-    def forward_grid(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Fast equivalent of partition, :meth:`forward` and reverse on a ``B × r × r × C`` grid.
-
-        The projections run on the grid, windows and heads are gathered in one copy, and the relative
-        position bias plus the shift ``mask`` (``nW × N × N``) form one additive mask, rebuilt from the
-        parameter on every call.
-        """
-        b, r, _, c = x.shape
-        w, heads = self.window_size, self.num_heads
-        n, d, nw = w * w, c // heads, r // w
-        qkv = self.qkv(x).view(b, nw, w, nw, w, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        bias = self.relative_position_bias()
-        if mask is None:  # one bias for every window: windows join the batch
-            q, k, v = qkv.reshape(3, b * nw * nw, heads, n, d).unbind(0)
-            bias = bias.unsqueeze(0)
-        else:  # one mask per window: windows join the heads, so the mask broadcasts over the batch only
-            q, k, v = qkv.reshape(3, b, nw * nw * heads, n, d).unbind(0)
-            bias = (mask.unsqueeze(1) + bias).reshape(1, -1, n, n)
-        if bias.requires_grad and x.device.type == "cpu":
-            # SDPA differentiates a mask only in its math kernel, which is slower on CPU than these four ops.
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
-        else:
-            drop = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop, scale=self.scale)
-        x = x.view(b, nw, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, r, r, c)
-        return self.proj_drop(self.proj(x))
-
-
-class DANEGate(nn.Module):
-    """DANE fusion: a spatial logit from the conv partner and a channel logit from the tokens
-    decide, per token and channel, how much of the partner replaces the token.
-
-    Args:
-        dim: channels of both inputs.
-        reduction: bottleneck ratio of the channel branch.
-    """
-
-    def __init__(self, dim: int, reduction: int = 16) -> None:
-        super().__init__()
-        self.fast_path = True  # blend with one lerp (see DFvT.set_fast_path)
-        hidden = dim // reduction
-        self.fc_spatial = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1, bias=False))
-        self.fc_channel = nn.Sequential(
-            nn.Linear(dim, hidden, bias=False), nn.SiLU(), nn.LayerNorm(hidden), nn.Linear(hidden, dim, bias=False)
-        )
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        logit = self.fc_spatial(c) + self.fc_channel(x.mean(dim=1, keepdim=True))
-        if self.fast_path:
-            # x + m (c - x) in one kernel; lerp does not promote dtypes (autocast mixes them), so align them.
-            dtype = torch.promote_types(torch.promote_types(x.dtype, c.dtype), logit.dtype)
-            return torch.lerp(x.to(dtype), c.to(dtype), logit.sigmoid_().to(dtype))
-        gate = torch.sigmoid(logit)
-        return c * gate + x * (1 - gate)
-
-
 class DFvTBlock(nn.Module):
-    """Transformer block: window attention, DANE fusion with the conv partner, MLP.
+    """Transformer block: (shifted) window attention, DANE fusion with the conv partner, MLP.
 
     Args:
         dim: channels.
@@ -342,7 +355,7 @@ class DFvTBlock(nn.Module):
         window_size: requested window (shrunk to ``resolution`` when larger or equal).
         shift_size: cyclic shift of the windows (0 for none; forced to 0 with one window).
         mlp_ratio: hidden/input channels of the MLP.
-        qkv_bias, qk_scale: see :class:`WindowAttention`.
+        qkv_bias, qk_scale, fast_path: see :class:`WindowAttention`.
         drop, attn_drop: dropout rates.
         drop_path: stochastic-depth rate of both residual branches.
     """
@@ -360,6 +373,7 @@ class DFvTBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         if resolution <= window_size:
@@ -368,32 +382,28 @@ class DFvTBlock(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.mlp_ratio = mlp_ratio
-        self.fast_path = True  # attention through WindowAttention.forward_grid (see DFvT.set_fast_path)
         if shift_size > 0:
             self.register_buffer("attn_mask", get_shift_attention_mask(resolution, window_size, shift_size))
         else:
             self.attn_mask = None
         self.select = DANEGate(dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, fast_path)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """(Shifted) window attention over ``B × L × C`` tokens."""
-        b, _, c = x.shape
-        r, w, s = self.resolution, self.window_size, self.shift_size
+        b, length, c = x.shape
+        r, s = self.resolution, self.shift_size
         x = x.view(b, r, r, c)
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        if self.fast_path:
-            x = self.attn.forward_grid(x, self.attn_mask)
-        else:
-            x = window_reverse(self.attn(window_partition(x, w), self.attn_mask), w, r, r)
+        x = self.attn(x, self.attn_mask)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x.reshape(b, r * r, c)
+        return x.reshape(b, length, c)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attend(self.norm1(x)))
@@ -414,11 +424,12 @@ class DFvTBlock(nn.Module):
         )
 
 
-class TokenReduction(nn.Module):
-    """Channel doubling between stages: LayerNorm then a bias-free Linear ``C → 2C``, token-wise.
+class ChannelDoubling(nn.Module):
+    """Between stages: LayerNorm then a bias-free Linear ``C → 2C``, token-wise (the upstream ``downsample``).
 
-    Unlike a Swin patch merge it keeps the resolution; the next stage's pooling and strided
-    convolution down-sample in space.
+    Unlike a Swin patch merge it keeps the resolution; the next stage's pooling and strided convolution
+    down-sample in space. (The upstream names, kept in the ``state_dict``, call it a down-sample and its linear
+    layer a ``reduction``.)
 
     Args:
         dim: input channels.
@@ -447,9 +458,9 @@ class DFvTStage(nn.Module):
         dim: channels.
         resolution: side of the token grid.
         depth: number of blocks.
-        num_heads, window_size, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop: see :class:`DFvTBlock`.
+        num_heads, window_size, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, fast_path: see :class:`DFvTBlock`.
         drop_path: one rate per block.
-        downsample: end with a :class:`TokenReduction`.
+        downsample: end with a :class:`ChannelDoubling`.
         use_checkpoint: recompute the blocks in the backward pass to save memory.
     """
 
@@ -468,6 +479,7 @@ class DFvTStage(nn.Module):
         drop_path: list[float],
         downsample: bool,
         use_checkpoint: bool = False,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
@@ -484,16 +496,17 @@ class DFvTStage(nn.Module):
                 drop=drop,
                 attn_drop=attn_drop,
                 drop_path=drop_path[j],
+                fast_path=fast_path,
             )
             for j in range(depth)
         )
-        self.downsample = TokenReduction(dim, resolution) if downsample else None
+        self.downsample = ChannelDoubling(dim, resolution) if downsample else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                # The fusion partner is an input of every block, so it must be passed through
-                # the checkpoint too (the upstream call dropped it).
+                # The fusion partner is an input of every block, so it must pass through the checkpoint too
+                # (the upstream call dropped it).
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
@@ -504,124 +517,7 @@ class DFvTStage(nn.Module):
         return total + (self.downsample.flops() if self.downsample is not None else 0.0)
 
 
-def conv_bn_act(channels: int, stride: int = 1, depthwise: bool = False, out_channels: int | None = None) -> list:
-    """A bias-free 1×1 (or depthwise 3×3) convolution, BatchNorm and SiLU, as a flat list of modules."""
-    out_channels = out_channels or channels
-    if depthwise:
-        conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=False)
-    else:
-        conv = nn.Conv2d(channels, out_channels, 1, bias=False)
-    return [conv, nn.BatchNorm2d(out_channels), nn.SiLU()]
-
-
-class ConvBranch(nn.Module):
-    """The convolutional branch of one stage.
-
-    Returns the local map (input resolution) and, as tokens, its strided projection.
-
-    Args:
-        dim: channels.
-        resolution: side of the input map (for the FLOP count).
-        stride: 2 to halve the resolution, 1 to keep it.
-    """
-
-    def __init__(self, dim: int, resolution: int, stride: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.resolution = resolution
-        self.stride = stride
-        self.fast_path = True  # conv_bn and in-place SiLU (see DFvT.set_fast_path)
-        self.conv1x1_1 = nn.Sequential(
-            *conv_bn_act(dim), *conv_bn_act(dim, depthwise=True), *conv_bn_act(dim, depthwise=True)
-        )
-        self.conv1 = nn.Sequential(*conv_bn_act(dim, stride=stride, depthwise=True))
-        self.conv1x1_2 = nn.Sequential(*conv_bn_act(dim))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fast_path:
-            local = run_conv_stack(x, self.conv1x1_1)
-            return local, map_to_tokens(run_conv_stack(run_conv_stack(local, self.conv1), self.conv1x1_2))
-        local = self.conv1x1_1(x)
-        return local, map_to_tokens(self.conv1x1_2(self.conv1(local)))
-
-    def flops(self) -> float:
-        h = w = self.resolution
-        c = self.dim
-        h2 = w2 = h / 2 if self.stride == 2 else h
-        total = h * w * c * c + h * w * c
-        total += 2 * h * w * c * 9 + 2 * h * w * c
-        total += h2 * w2 * c * 9 + h2 * w2 * c
-        total += h2 * w2 * c * c + h2 * w2 * c
-        if self.stride == 2:
-            total += h2 * w2 * 4 * c * 9 + h2 * w2 * 4 * c * c + 5 * h2 * w2 * c
-        return total
-
-
-def multiresolution_conv(dim: int) -> nn.Sequential:
-    """Projection of the space-to-depth map (``4C``) back to ``C``: depthwise 3×3, BN, 1×1, BN."""
-    return nn.Sequential(
-        nn.Conv2d(4 * dim, 4 * dim, 3, padding=1, groups=4 * dim, bias=False),
-        nn.BatchNorm2d(4 * dim),
-        nn.Conv2d(4 * dim, dim, 1, bias=False),
-        nn.BatchNorm2d(dim),
-    )
-
-
-class PatchEmbed(nn.Module):
-    """Convolutional stem: two stride-2 3×3 convolutions, each with BatchNorm and SiLU (4× down-sampling).
-
-    Args:
-        img_size: side of the square input image.
-        in_chans: input channels.
-        embed_dim: output channels ``E``.
-        patch_norm: apply the BatchNorms (on in DFvT).
-    """
-
-    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True) -> None:
-        super().__init__()
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.embed_dim = embed_dim
-        self.resolution = img_size // 4
-        self.fast_path = True  # channels-last output, conv_bn and in-place SiLU (see DFvT.set_fast_path)
-        self.proj1 = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
-        self.proj2 = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
-        self.norm = nn.BatchNorm2d(embed_dim) if patch_norm else nn.Identity()
-        self.norm1 = nn.BatchNorm2d(embed_dim // 2) if patch_norm else nn.Identity()
-        self.act = nn.SiLU()
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` naming the expected shape when ``x`` is not ``B × in_chans × img × img``."""
-        expected = f"B x {self.in_chans} x {self.img_size} x {self.img_size}"
-        if x.ndim != 4:
-            raise ValueError(f"DFvT expects a 4-D image batch of shape {expected}, got shape {tuple(x.shape)}.")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"DFvT expects {self.in_chans} input channels ({expected}), got {x.shape[1]} "
-                f"(shape {tuple(x.shape)}); convert the images or set MODEL.DFVT.IN_CHANS."
-            )
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(
-                f"DFvT was built for {self.img_size}x{self.img_size} images ({expected}), got "
-                f"{x.shape[2]}x{x.shape[3]}; resize the input or build the model with DATA.IMG_SIZE {x.shape[2]}."
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if self.fast_path:
-            x = silu(conv_bn(x.contiguous(memory_format=torch.channels_last), self.proj1, self.norm1))
-            return silu(conv_bn(x, self.proj2, self.norm))
-        x = self.act(self.norm1(self.proj1(x)))
-        return self.act(self.norm(self.proj2(x)))
-
-    def flops(self) -> float:
-        p, e = self.resolution, self.embed_dim
-        return (
-            (p / 2) * (p / 2) * (e / 2) * 3 * 9
-            + (p / 4) * (p / 4) * e * (e / 2) * 9
-            + (p / 4) * (p / 4) * e
-            + (p / 2) * (p / 2) * (e / 2)
-        )
+# ----------------------------------------------------------------------------------------------- the network
 
 
 class DFvT(nn.Module):
@@ -644,7 +540,8 @@ class DFvT(nn.Module):
         ape: add a learned absolute position embedding after the stem.
         patch_norm: BatchNorm in the stem.
         use_checkpoint: gradient checkpointing of the transformer blocks.
-        fast_path: run the fast path (same function and parameters; see :meth:`set_fast_path`).
+        fast_path: the faster computation of :class:`ConvStack` and :class:`WindowAttention` (same function and
+            parameters).
     """
 
     def __init__(
@@ -669,7 +566,6 @@ class DFvT(nn.Module):
         fast_path: bool = True,
     ) -> None:
         super().__init__()
-        self.fast_path = fast_path
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -678,7 +574,7 @@ class DFvT(nn.Module):
         self.patch_size = patch_size
         self.ape = ape
 
-        self.patch_embed = PatchEmbed(img_size, in_chans, embed_dim, patch_norm)
+        self.patch_embed = PatchEmbed(img_size, in_chans, embed_dim, patch_norm, fast_path)
         stem_res = self.patch_embed.resolution
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, stem_res * stem_res, embed_dim))
@@ -689,36 +585,37 @@ class DFvT(nn.Module):
         self.stage_resolutions = [stem_res // 2**i for i in range(self.num_layers)]
         last = self.num_layers - 1
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            dim = embed_dim * 2**i
-            r = self.stage_resolutions[i] // 2 if i < last else self.stage_resolutions[i]
-            self.layers.append(
-                DFvTStage(
-                    dim,
-                    r,
-                    depths[i],
-                    num_heads[i],
-                    window_size,
-                    mlp_ratio,
-                    qkv_bias,
-                    qk_scale,
-                    drop_rate,
-                    attn_drop_rate,
-                    dpr[sum(depths[:i]) : sum(depths[: i + 1])],
-                    downsample=i < last,
-                    use_checkpoint=use_checkpoint,
-                )
+        self.layers = nn.ModuleList(
+            DFvTStage(
+                embed_dim * 2**i,
+                self.stage_resolutions[i] // 2 if i < last else self.stage_resolutions[i],
+                depths[i],
+                num_heads[i],
+                window_size,
+                mlp_ratio,
+                qkv_bias,
+                qk_scale,
+                drop_rate,
+                attn_drop_rate,
+                dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                downsample=i < last,
+                use_checkpoint=use_checkpoint,
+                fast_path=fast_path,
             )
-        self.convlayers = nn.ModuleList(
-            ConvBranch(embed_dim * 2**i, self.stage_resolutions[i], stride=2 if i < last else 1)
             for i in range(self.num_layers)
         )
-        self.multiresolution_conv = nn.ModuleList(multiresolution_conv(embed_dim * 2**i) for i in range(last))
+        # Registered after the transformer stages, as upstream: the state_dict order and the initialisation's
+        # random draws follow it.
+        self.convlayers = nn.ModuleList(
+            ConvBranch(embed_dim * 2**i, self.stage_resolutions[i], 2 if i < last else 1, fast_path)
+            for i in range(self.num_layers)
+        )
+        self.multiresolution_conv = nn.ModuleList(
+            multiresolution_conv(embed_dim * 2**i, fast_path) for i in range(last)
+        )
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self.set_fast_path(fast_path)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -746,16 +643,6 @@ class DFvT(nn.Module):
             stage.use_checkpoint = enable
 
     @torch.jit.ignore
-    def set_fast_path(self, enable: bool = True) -> None:
-        """Run the fast path (default) or the straightforward, upstream-like one (see the module docstring).
-
-        Both compute the same function from the same parameters and buffers; the state_dict is unchanged.
-        """
-        for module in self.modules():
-            if hasattr(module, "fast_path"):
-                module.fast_path = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -778,11 +665,8 @@ class DFvT(nn.Module):
             local, t = conv(x_map)
             if i < last:
                 p = map_to_tokens(F.max_pool2d(x_map, 3, stride=2, padding=1))
-                if self.fast_path:
-                    c = run_conv_stack(space_to_depth_channels_last(local), self.multiresolution_conv[i])
-                else:
-                    c = self.multiresolution_conv[i](space_to_depth(local))
-                x = stage(p + t, map_to_tokens(c))
+                c = map_to_tokens(self.multiresolution_conv[i](space_to_depth(local)))
+                x = stage(p + t, c)
             else:
                 x = stage(x + t, x)
         return self.norm(x)

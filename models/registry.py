@@ -1,21 +1,17 @@
 """DFvT in timm's model registry: ``timm.create_model("dfvt_tiny" | "dfvt_small" | "dfvt_base", ...)``.
 
-Importing ``models`` registers the three variants. Each is built from its own ``configs/<size>.yaml``
-(one source of truth for the architecture); the keyword arguments in :data:`KWARG_TO_CONFIG_KEY`
-override the config. Weights are always read with :func:`checkpoint.load_file` (never unpickling
-code, upstream files included) and loaded strictly, except a classifier with another class count,
-which is re-initialised. Three ways to load a file, all through :func:`load_weights`:
+Importing ``models`` registers the three variants of :data:`models.variants.VARIANTS`; nothing of timm is changed.
+Each is built from its own ``configs/<size>.yaml`` (one source of truth for the architecture); the keyword arguments
+in :data:`KWARG_TO_CONFIG_KEY` override the config. Ways to load a checkpoint:
 
-* ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``: the
-  variant's pretrained config names the release file (``dfvt_tiny.pth`` ...); the overlay points
-  it at your copy. The entry point loads it itself, not timm (whose loader cannot read upstream
-  files).
-* ``timm.create_model(name, checkpoint_path=PATH)``: ``create_model`` loads ``checkpoint_path``
-  after the entry point returns, through its module-level ``load_checkpoint`` (``torch.load`` with
-  ``weights_only=True``, then a strict ``load_state_dict``), which refuses upstream files and a
-  head of another size. :func:`_install_create_model_loader` wraps that one function so that, for
-  a DFvT model and a plain call, it uses :func:`load_weights`; other models are untouched.
-* ``torch.hub.load(repo, name, source="local", weights=PATH)`` (``hubconf.py``), or :func:`create`.
+* ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` and torch.hub's
+  ``weights=PATH`` (``hubconf.py``, or :func:`create`): our entry point reads the file with
+  :func:`checkpoint.load_file` (never unpickling code; upstream files with a pickled config included) and loads it
+  strictly, except a classifier with another class count, which is re-initialised.
+* ``timm.create_model(name, checkpoint_path=PATH)`` is timm's own loader: ``torch.load(weights_only=True)``, the
+  ``model`` (or ``model_ema``) entry, a strict ``load_state_dict``. It reads this repo's checkpoints and raw
+  ``state_dict`` files with the same class count; it refuses upstream files (their pickled config is not a weight)
+  and a head of another size. Use the first way for those.
 """
 
 from __future__ import annotations
@@ -23,31 +19,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import _factory, build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, register_model
 from yacs.config import CfgNode
 
-from checkpoint import CheckpointError, load_pretrained
 from config import load_config
+from errors import CheckpointError
 
 from .build import build_model
 from .dfvt import DFvT
+from .variants import VARIANTS
+from .weights import load_pretrained
 
 _logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-VARIANT_CONFIGS = {"dfvt_tiny": "tiny.yaml", "dfvt_small": "small.yaml", "dfvt_base": "base.yaml"}
-# Keyword arguments of the entry points and the config keys they override.
+# Keyword arguments of the entry points: the config key each overrides, and its type.
 KWARG_TO_CONFIG_KEY = {
-    "num_classes": "MODEL.NUM_CLASSES",
-    "drop_rate": "MODEL.DROP_RATE",
-    "drop_path_rate": "MODEL.DROP_PATH_RATE",
-    "img_size": "DATA.IMG_SIZE",
-    "in_chans": "MODEL.DFVT.IN_CHANS",
+    "num_classes": ("MODEL.NUM_CLASSES", int),
+    "drop_rate": ("MODEL.DROP_RATE", float),
+    "drop_path_rate": ("MODEL.DROP_PATH_RATE", float),
+    "img_size": ("DATA.IMG_SIZE", int),
+    "in_chans": ("MODEL.DFVT.IN_CHANS", int),
 }
 
 
@@ -71,7 +65,7 @@ def _default_cfg(variant: str) -> dict[str, Any]:
 
 
 # register_model reads the pretrained configs from this module attribute.
-default_cfgs = {variant: _default_cfg(variant) for variant in VARIANT_CONFIGS}
+default_cfgs = {variant: _default_cfg(variant) for variant in VARIANTS}
 
 
 def _square_side(img_size: int | tuple[int, ...] | list[int]) -> int:
@@ -85,34 +79,24 @@ def _square_side(img_size: int | tuple[int, ...] | list[int]) -> int:
 
 def variant_config(variant: str, **kwargs: Any) -> CfgNode:
     """``configs/<size>.yaml`` of ``variant`` with the overrides of :data:`KWARG_TO_CONFIG_KEY` applied."""
-    if variant not in VARIANT_CONFIGS:
-        raise ValueError(f"Unknown DFvT variant {variant!r}; choose one of {', '.join(VARIANT_CONFIGS)}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown DFvT variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
     unknown = sorted(set(kwargs) - set(KWARG_TO_CONFIG_KEY))
     if unknown:
         raise TypeError(
             f"{variant}() got unsupported keyword argument(s) {', '.join(unknown)}; "
             f"it takes {', '.join(KWARG_TO_CONFIG_KEY)}."
         )
-    config = load_config(str(CONFIGS / VARIANT_CONFIGS[variant]))
-    config.defrost()
+    opts = []
     for name, value in kwargs.items():
-        *parents, leaf = KWARG_TO_CONFIG_KEY[name].split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = _square_side(value) if name == "img_size" else type(node[leaf])(value)
-    config.freeze()
-    return config
+        key, kind = KWARG_TO_CONFIG_KEY[name]
+        opts += [key, kind(_square_side(value) if name == "img_size" else value)]
+    return load_config(str(VARIANTS[variant].config_path), opts)
 
 
 def _build(variant: str, **kwargs: Any) -> DFvT:
     """The model class handed to timm's ``build_model_with_cfg``: the variant's config, overridden by ``kwargs``."""
     return build_model(variant_config(variant, **kwargs))
-
-
-def load_weights(model: DFvT, path: str | os.PathLike) -> None:
-    """Load the checkpoint at ``path`` into ``model`` (see :func:`checkpoint.load_pretrained`)."""
-    load_pretrained(model, path, _logger)
 
 
 def create(variant: str, pretrained: bool = False, weights: str | os.PathLike | None = None, **kwargs: Any) -> DFvT:
@@ -130,50 +114,26 @@ def create(variant: str, pretrained: bool = False, weights: str | os.PathLike | 
         if not file or not os.path.isfile(file):
             raise CheckpointError(
                 f"Pretrained weights {file!r} for {variant} are not on this machine and cannot be downloaded; "
-                f"get the release checkpoint and pass pretrained_cfg_overlay=dict(file=PATH) or checkpoint_path=PATH."
+                f"get the release checkpoint and pass pretrained_cfg_overlay=dict(file=PATH)."
             )
-        load_weights(model, file)
+        load_pretrained(model, file, _logger)
     if weights is not None:
-        load_weights(model, weights)
+        load_pretrained(model, weights, _logger)
     return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
 
-@register_model
-def dfvt_tiny(pretrained: bool = False, **kwargs: Any) -> DFvT:
-    """DFvT-T: 3.97 M parameters, 0.27 analytic GFLOPs, 72.95 % ImageNet-1K top-1 at 224x224."""
-    return create("dfvt_tiny", pretrained, **kwargs)
+def _entry_point(variant: str):
+    """A registered ``variant(pretrained=False, **kwargs)`` function, documented with the paper's figures."""
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> DFvT:
+        return create(variant, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = variant
+    entry.__doc__ = f"{VARIANTS[variant].summary()}."
+    entry.__module__ = __name__
+    return register_model(entry)
 
 
-@register_model
-def dfvt_small(pretrained: bool = False, **kwargs: Any) -> DFvT:
-    """DFvT-S: 11.23 M parameters, 0.81 analytic GFLOPs, 78.29 % ImageNet-1K top-1 at 224x224."""
-    return create("dfvt_small", pretrained, **kwargs)
-
-
-@register_model
-def dfvt_base(pretrained: bool = False, **kwargs: Any) -> DFvT:
-    """DFvT-B: 37.33 M parameters, 2.50 analytic GFLOPs, 81.98 % ImageNet-1K top-1 at 224x224."""
-    return create("dfvt_base", pretrained, **kwargs)
-
-
-def _install_create_model_loader() -> None:
-    """Make ``timm.create_model(..., checkpoint_path=PATH)`` load DFvT models with :func:`load_weights`.
-
-    Only the plain call ``create_model`` makes (model and path) on a DFvT is rerouted; any other
-    model, or a call with extra arguments, goes to timm's own loader unchanged.
-    """
-    original = _factory.load_checkpoint
-    if getattr(original, "dfvt_wrapper", False):
-        return
-
-    @functools.wraps(original)
-    def load_checkpoint(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        if isinstance(model, DFvT) and not args and not kwargs:
-            return load_weights(model, checkpoint_path)
-        return original(model, checkpoint_path, *args, **kwargs)
-
-    load_checkpoint.dfvt_wrapper = True
-    _factory.load_checkpoint = load_checkpoint
-
-
-_install_create_model_loader()
+dfvt_tiny = _entry_point("dfvt_tiny")
+dfvt_small = _entry_point("dfvt_small")
+dfvt_base = _entry_point("dfvt_base")

@@ -1,4 +1,5 @@
-"""checkpoint.py: atomic writes, safe reading (ours, upstream's, hostile files), weight loading and auto-resume."""
+"""checkpoint.py and models/weights.py: atomic writes, safe reading (ours, upstream's, hostile files), weight loading
+and auto-resume."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,49 +18,22 @@ import torch
 from yacs.config import CfgNode
 
 from checkpoint import (
-    CheckpointError,
     atomic_save,
     capture_rng_state,
     find_resumable,
     load_file,
-    load_model_weights,
     model_state_of,
     restore_rng_state,
-    suggest_config,
 )
 from config import load_config
-from models import build_model
-
-ROOT = Path(__file__).parent.parent
+from errors import CheckpointError
+from models import build_model, load_model_weights
+from models.variants import suggest_config
+from tests.helpers import ROOT, Hostile, upstream_checkpoint
 
 
 def tiny(*opts: str):
     return build_model(load_config(str(ROOT / "configs" / "tiny.yaml"), ["DATA.IMG_SIZE", "32", *opts]))
-
-
-def upstream_checkpoint(model: torch.nn.Module) -> dict:
-    """A checkpoint laid out as the upstream repo wrote it: pickled CfgNode config and apex amp state."""
-    config = CfgNode({"MODEL": CfgNode({"NAME": "dfvt_tiny", "DROP_PATH_RATE": 0.0}), "TAG": "default"})
-    config.freeze()
-    return {
-        "model": model.state_dict(),
-        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
-        "lr_scheduler": {"t_initial": 300},
-        "max_accuracy": 72.95,
-        "epoch": 299,
-        "config": config,
-        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}},
-    }
-
-
-class Hostile:
-    """Pickles to a call of os.system that would create a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):

@@ -15,9 +15,21 @@ import torch
 from checkpoint import load_file
 from config import load_config
 from models import build_model
-from tests.conftest import write_image_folder
-from tests.e2e import FINGERPRINT, ROOT, check, clean_env, log_of, main_args, run, summaries
-from tests.test_checkpoint import Hostile, upstream_checkpoint
+from tests.helpers import (
+    FINGERPRINT,
+    ROOT,
+    Hostile,
+    check,
+    clean_env,
+    log_of,
+    main_args,
+    run,
+    summaries,
+    upstream_checkpoint,
+    write_image_folder,
+)
+
+pytestmark = pytest.mark.slow
 
 # Three epochs with the full augmentation recipe (RandAugment, random erasing, Mixup/CutMix), stochastic
 # depth and a loader worker, so every source of randomness has to continue exactly after a resume.

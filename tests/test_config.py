@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, get_default_config, load_config, update_config
+from config import get_default_config, load_config, set_key, update_config
+from errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
 
@@ -90,5 +91,16 @@ def test_command_line_shortcuts():
     assert c.is_frozen()
     assert (c.DATA.BATCH_SIZE, c.DATA.DATA_PATH, c.DATA.ZIP_MODE, c.DATA.CACHE_MODE) == (16, "/data", True, "no")
     assert (c.MODEL.RESUME, c.TRAIN.ACCUMULATION_STEPS, c.TRAIN.USE_CHECKPOINT) == ("ckpt.pth", 2, True)
-    assert (c.AMP_ENABLE, c.EVAL_MODE, c.THROUGHPUT_MODE, c.LOCAL_RANK, c.TRAIN.EPOCHS) == (False, True, False, 1, 2)
+    assert (c.AMP_ENABLE, c.EVAL_MODE, c.THROUGHPUT_MODE, c.TRAIN.EPOCHS) == (False, True, False, 2)
+    assert "LOCAL_RANK" not in c  # the launcher's business: utils.init_distributed reads it, the config does not
     assert c.OUTPUT == str(Path("out") / "dfvt_tiny" / "t1")
+
+
+def test_set_key_and_a_clean_dump():
+    c = get_default_config()
+    set_key(c, "MODEL.DFVT.WINDOW_SIZE", 12)
+    set_key(c, "TAG", "x")
+    assert (c.MODEL.DFVT.WINDOW_SIZE, c.TAG) == (12, "x")
+    with pytest.raises(KeyError):
+        set_key(c, "MODEL.NOPE.X", 1)
+    assert "- ''" not in load_config().dump()  # no empty BASE entry in the saved config

@@ -3,53 +3,63 @@ golden fixtures, on CPU and, where a GPU is present, on CUDA."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from config import load_config
-from models import build_model
-from models.dfvt import DFvT, batch_norm
-from tests.golden import fixture_input, load_fixture_weights, relative_error
+from models.dfvt import ConvStack, DFvT, WindowAttention, space_to_depth
+from models.fast_ops import conv_stack
+from tests.helpers import build, fixture_input, golden_logits, load_fixture_weights, relative_error
 
-ROOT = Path(__file__).parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def config_path(variant: str) -> str:
-    return str(ROOT / "configs" / f"{variant}.yaml")
+SLOW = pytest.mark.slow
 
 
 def fixture_model(variant: str, fast: bool = True, opts: list[str] | None = None) -> DFvT:
     """``variant`` with the fixture weights (non-trivial BatchNorm statistics, biases and bias tables), float64."""
     opts = list(opts or []) + ["MODEL.DFVT.FAST_PATH", str(fast)]
-    return load_fixture_weights(build_model(load_config(config_path(variant), opts))).double()
+    return load_fixture_weights(build(variant, *opts)).double()
 
 
-def fast_and_straightforward(model: DFvT) -> tuple[DFvT, DFvT]:
-    """Two copies of ``model`` with the same weights, on the fast and the straightforward path."""
-    fast, straight = copy.deepcopy(model), copy.deepcopy(model)
-    fast.set_fast_path(True)
-    straight.set_fast_path(False)
-    return fast, straight
+def fast_and_straightforward(variant: str, opts: list[str] | None = None, train: bool = False) -> tuple[DFvT, DFvT]:
+    """``variant`` built on the fast and on the straightforward path, with the same fixture weights."""
+    models = fixture_model(variant, True, opts), fixture_model(variant, False, opts)
+    return tuple(m.train(train) for m in models)
 
 
-def golden(variant: str) -> torch.Tensor:
-    return torch.from_numpy(np.load(FIXTURES / f"dfvt_{variant}_golden_logits.npy"))
+def switches(model: DFvT) -> list[bool]:
+    """The ``fast_path`` flags of the layers that have a fast computation."""
+    return [m.fast_path for m in model.modules() if isinstance(m, (ConvStack, WindowAttention))]
 
 
 def test_build_model_defaults_to_the_fast_path():
-    fast = build_model(load_config(config_path("tiny")))
-    straight = build_model(load_config(config_path("tiny"), ["MODEL.DFVT.FAST_PATH", "False"]))
-    flags = [m.fast_path for m in fast.modules() if hasattr(m, "fast_path")]
-    assert len(flags) > 5 and all(flags)
-    assert not any(m.fast_path for m in straight.modules() if hasattr(m, "fast_path"))
+    fast = build("tiny")
+    straight = build("tiny", "MODEL.DFVT.FAST_PATH", "False")
+    assert len(switches(fast)) == 1 + 4 * 3 + 3 + 5  # stem, 3 stacks per branch, 3 projections, 5 attentions
+    assert all(switches(fast)) and not any(switches(straight))
     assert fast.state_dict().keys() == straight.state_dict().keys()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_space_to_depth_is_the_paper_order(channels_last):
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    by_definition = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], 1)
+    out = space_to_depth(x)
+    assert out.shape == (2, 20, 3, 4) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, by_definition)
+
+
+def test_conv_stack_never_changes_the_callers_tensor():
+    # SiLU runs in place only on the stack's own intermediates; Identity returns its input unchanged.
+    x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        out = conv_stack(x, [nn.Identity(), nn.SiLU()])
+    assert torch.equal(x, before) and torch.equal(out, F.silu(before))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
@@ -57,7 +67,7 @@ def test_golden_logits_float64_on_both_paths(fast):
     model = fixture_model("tiny", fast).eval()
     with torch.no_grad():
         out = model(fixture_input())
-    assert relative_error(out, golden("tiny")) < 1e-9
+    assert relative_error(out, golden_logits("tiny")) < 1e-9
 
 
 def test_golden_logits_float32_fast_path():
@@ -65,12 +75,12 @@ def test_golden_logits_float32_fast_path():
     with torch.no_grad():
         out = model(fixture_input().float())
     assert out.dtype == torch.float32
-    assert relative_error(out, golden("small")) < 1e-4
+    assert relative_error(out, golden_logits("small")) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["tiny", "base"])  # base has shifted windows
+@pytest.mark.parametrize("variant", ["tiny", pytest.param("base", marks=SLOW)])  # base has shifted windows
 def test_eval_paths_agree_on_random_input(variant):
-    fast, straight = fast_and_straightforward(fixture_model(variant).eval())
+    fast, straight = fast_and_straightforward(variant)
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out_fast, out_straight = fast(x), straight(x)
@@ -97,23 +107,23 @@ def assert_same_training_step(fast: DFvT, straight: DFvT, x: torch.Tensor, seed:
         torch.testing.assert_close(b, buffers[name], rtol=1e-10, atol=1e-14, msg=name)
 
 
-@pytest.mark.parametrize("variant", ["tiny", "base"])
+@pytest.mark.parametrize("variant", ["tiny", pytest.param("base", marks=SLOW)])
 def test_train_paths_agree_with_drop_path(variant):
-    model = fixture_model(variant, opts=["MODEL.DROP_PATH_RATE", "0.3"]).train()
+    models = fast_and_straightforward(variant, ["MODEL.DROP_PATH_RATE", "0.3"], train=True)
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    assert_same_training_step(*fast_and_straightforward(model), x)
+    assert_same_training_step(*models, x)
 
 
 def test_eval_mode_gradients_agree():
     # Fine-tuning with frozen BatchNorm statistics differentiates through the folded convolutions.
-    model = fixture_model("tiny").eval()
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert_same_training_step(*fast_and_straightforward(model), x)
+    assert_same_training_step(*fast_and_straightforward("tiny"), x)
 
 
+@SLOW
 def test_fast_path_follows_in_place_parameter_updates():
     # Nothing derived from parameters may be cached: an optimizer step or load_state_dict changes them in place.
-    fast, straight = fast_and_straightforward(fixture_model("base").eval())
+    fast, straight = fast_and_straightforward("base")
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():
         before = fast(x)
@@ -143,9 +153,8 @@ def test_fast_path_under_bf16_autocast_is_close_to_float32():
 
 def test_fast_path_with_gradient_checkpointing_and_no_head():
     opts = ["MODEL.NUM_CLASSES", "0", "TRAIN.USE_CHECKPOINT", "True", "MODEL.DROP_PATH_RATE", "0.2"]
-    model = fixture_model("tiny", opts=opts).train()
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
-    fast, straight = fast_and_straightforward(model)
+    fast, straight = fast_and_straightforward("tiny", opts, train=True)
     outs = []
     for m in (fast, straight):
         torch.manual_seed(5)
@@ -156,36 +165,6 @@ def test_fast_path_with_gradient_checkpointing_and_no_head():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
     grad = dict(straight.named_parameters())["multiresolution_conv.0.3.weight"].grad
     torch.testing.assert_close(dict(fast.named_parameters())["multiresolution_conv.0.3.weight"].grad, grad)
-
-
-@pytest.mark.parametrize("shape", [(4, 24, 10, 10), (3, 24, 5, 7), (2, 8, 6, 6)], ids=["wide-rows", "odd", "c8"])
-def test_channels_last_batch_norm_matches_pytorch(shape):
-    # The fast path's own backward for small channel counts (DFvT-T's stem): values, gradients, running statistics.
-    gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 3 + 2).contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(shape, dtype=torch.float64, generator=gen)
-    ours, reference = torch.nn.BatchNorm2d(shape[1]).double(), torch.nn.BatchNorm2d(shape[1]).double()
-    with torch.no_grad():
-        for bn in (ours, reference):
-            bn.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
-            bn.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
-    results = []
-    for bn, run in ((ours, batch_norm), (reference, lambda t, m: m(t))):
-        inp = x.clone().requires_grad_(True)
-        out = run(inp, bn)
-        results.append((out, *torch.autograd.grad(out, (inp, bn.weight, bn.bias), grad_out)))
-    assert type(results[0][0].grad_fn).__name__ == "ChannelsLastBatchNormBackward"
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for name, buffer in reference.named_buffers():
-        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, rtol=1e-12, atol=0, msg=name)
-
-
-def test_batch_norm_keeps_pytorch_kernel_elsewhere():
-    x = torch.randn(2, 48, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    assert type(batch_norm(x, torch.nn.BatchNorm2d(48)).grad_fn).__name__.startswith("NativeBatchNorm")
-    small = torch.randn(2, 24, 4, 4, requires_grad=True)  # NCHW
-    assert type(batch_norm(small, torch.nn.BatchNorm2d(24)).grad_fn).__name__.startswith("NativeBatchNorm")
 
 
 @pytest.fixture
@@ -206,21 +185,21 @@ def test_golden_logits_on_cuda(variant, fast, dtype, bound, no_tf32):
     with torch.no_grad():
         out = model(fixture_input().to("cuda", dtype))
     assert out.dtype == dtype
-    assert relative_error(out, golden(variant)) < bound
+    assert relative_error(out, golden_logits(variant)) < bound
 
 
 @CUDA
 def test_train_paths_agree_on_cuda(no_tf32):
-    model = fixture_model("base", opts=["MODEL.DROP_PATH_RATE", "0.3"]).cuda().train()
+    models = fast_and_straightforward("base", ["MODEL.DROP_PATH_RATE", "0.3"], train=True)
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64, device="cuda")
-    assert_same_training_step(*fast_and_straightforward(model), x)
+    assert_same_training_step(*(m.cuda() for m in models), x)
 
 
 @CUDA
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
 def test_fp16_amp_training_steps_on_cuda(fast):
     torch.manual_seed(0)
-    model = build_model(load_config(config_path("tiny"), ["MODEL.DFVT.FAST_PATH", str(fast)])).cuda().train()
+    model = build("tiny", "MODEL.DFVT.FAST_PATH", str(fast)).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(8, 3, 224, 224, device="cuda")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from config import ConfigError, get_default_config
+from config import get_default_config
+from errors import ConfigError
 from lr_scheduler import (
     LinearLRScheduler,
-    apply_lr_scaling,
     build_scheduler,
     linear_scaled_lrs,
     optimizer_steps_per_epoch,
@@ -146,11 +146,28 @@ def test_lr_scaling():
     assert linear_scaled_lrs(c, 4) == pytest.approx((1e-3, 1e-6, 1e-5))  # 128 x 4 x 2 = 1024 -> x2
     c.TRAIN.ACCUMULATION_STEPS = 1
     assert linear_scaled_lrs(c, 1) == pytest.approx((1.25e-4, 1.25e-7, 1.25e-6))  # 128 -> x1/4
-    c.TRAIN.ACCUMULATION_STEPS = 2
-    c.freeze()
-    assert apply_lr_scaling(c, 4) == pytest.approx((1e-3, 1e-6, 1e-5))
-    assert (c.TRAIN.BASE_LR, c.TRAIN.WARMUP_LR, c.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
-    assert c.is_frozen()
+    assert linear_scaled_lrs(c, 1).base == pytest.approx(1.25e-4)  # named fields
+    # The scaled values are returned; the config keeps the configured ones.
+    assert (c.TRAIN.BASE_LR, c.TRAIN.WARMUP_LR, c.TRAIN.MIN_LR) == (5e-4, 5e-7, 5e-6)
+
+
+def test_scaled_lrs_reach_the_optimizer_and_schedule():
+    # A run passes the scaled LRs as values: the first step runs at the scaled warm-up LR, and the peak is the scaled
+    # base LR (x the conv branch's 2x), while the config still holds the configured ones.
+    config = make_config(BASE_LR=5e-4, WARMUP_LR=5e-7, MIN_LR=5e-6)
+    config.defrost()
+    config.DATA.BATCH_SIZE = 64  # x 1 process: factor 1/8
+    config.freeze()
+    lrs = linear_scaled_lrs(config, 1)
+    opt = build_optimizer(config, small_model(), lrs.base)
+    sched = build_scheduler(config, opt, SPE, lrs)
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([5e-4 / 8] * len(opt.param_groups))
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(5e-7 / 8)
+    sched.step_update(WARM_T)
+    assert {round(g["lr"] / (5e-4 / 8), 9) for g in opt.param_groups} == {1.0, 2.0}
+    sched.step_update(TOTAL_T)
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(5e-6 / 8)
+    assert config.TRAIN.BASE_LR == 5e-4
 
 
 @pytest.mark.parametrize("name", FORMULAS)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError, load_config
+from config import load_config
+from errors import ConfigError
 from models import build_model
 from models.dfvt import DFvTBlock
 

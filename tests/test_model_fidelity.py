@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from config import load_config
+from models import VARIANTS as RELEASED
 from models import build_model
 from models.complexity import count_parameters, measured_flops
-from tests.golden import fixture_input, load_fixture_weights, relative_error
+from tests.helpers import (
+    FIXTURES,
+    ROOT,
+    build,
+    fixture_input,
+    golden_logits,
+    load_fixture_weights,
+    relative_error,
+)
 
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
 VARIANTS = ["tiny", "small", "base"]
 
 
@@ -80,10 +85,8 @@ def test_measured_flops_counts_convolutions_and_matmuls():
 
 def test_measured_flops_are_the_same_on_both_paths():
     # The fast path's eval attention is one CPU attention kernel; it must count like the straightforward matmuls.
-    model = build_model(load_config(str(ROOT / "configs" / "base.yaml")))
-    fast = measured_flops(model, 224)
-    model.set_fast_path(False)
-    assert fast == measured_flops(model, 224)
+    fast = measured_flops(build("base"), 224)
+    assert fast == measured_flops(build("base", "MODEL.DFVT.FAST_PATH", "False"), 224)
 
 
 def test_measured_flops_of_tiny_is_in_range_of_analytic():
@@ -97,7 +100,7 @@ def test_measured_flops_of_tiny_is_in_range_of_analytic():
 def test_golden_logits_float64(variant):
     model = load_fixture_weights(build_model(load_config(str(ROOT / "configs" / f"{variant}.yaml"))))
     model = model.double().eval()
-    ref = torch.from_numpy(np.load(FIXTURES / f"dfvt_{variant}_golden_logits.npy"))
+    ref = golden_logits(variant)
     with torch.no_grad():
         out = model(fixture_input())
     assert out.dtype == torch.float64 and out.shape == ref.shape
@@ -107,7 +110,7 @@ def test_golden_logits_float64(variant):
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_golden_logits_float32(variant):
     model = load_fixture_weights(build_model(load_config(str(ROOT / "configs" / f"{variant}.yaml")))).eval()
-    ref = torch.from_numpy(np.load(FIXTURES / f"dfvt_{variant}_golden_logits.npy"))
+    ref = golden_logits(variant)
     with torch.no_grad():
         out = model(fixture_input().float())
     assert out.dtype == torch.float32
@@ -120,5 +123,27 @@ def test_golden_logits_detect_a_wrong_weight():
     with torch.no_grad():
         model.layers[2].blocks[1].select.fc_spatial[1].weight.mul_(1.001)
         out = model(fixture_input())
-    ref = torch.from_numpy(np.load(FIXTURES / "dfvt_tiny_golden_logits.npy"))
-    assert relative_error(out, ref) > 1e-9
+    assert relative_error(out, golden_logits("tiny")) > 1e-9
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_paper_figures_table_matches_the_fixtures_and_configs(variant):
+    released = RELEASED[f"dfvt_{variant}"]
+    ref = manifest(variant)
+    assert released.params == ref["trainable_params"]
+    assert released.gflops == pytest.approx(ref["analytic_gflops"], rel=1e-12)
+    assert released.config_path == ROOT / "configs" / f"{variant}.yaml"
+    # The config files' header comments quote the same figures.
+    header = released.config_path.read_text().splitlines()[0]
+    expected = f"{released.params / 1e6:.2f} M parameters, {released.gflops:.2f} analytic GFLOPs, {released.top1} top-1"
+    assert expected in header
+
+
+def test_the_readme_table_quotes_the_paper_figures():
+    readme = (ROOT / "README.md").read_text()
+    for released in RELEASED.values():
+        row = (
+            f"| {released.title} | {released.params:,} | {released.gflops:.3f} | {released.top1:.2f} | "
+            f"`configs/{released.config}` |"
+        )
+        assert row in readme, row

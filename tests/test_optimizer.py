@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from config import ConfigError, get_default_config, load_config
+from config import get_default_config, load_config
+from errors import ConfigError
 from models import build_model
-from optimizer import build_optimizer, parameter_groups, strip_wrapper_prefixes
+from optimizer import build_optimizer, parameter_groups
+from utils import strip_wrapper_prefixes
 
 ROOT = Path(__file__).parent.parent
 

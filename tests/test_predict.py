@@ -1,12 +1,13 @@
-"""predict.py as a user runs it: JPEG/PNG files and a nested folder with a corrupt file, text and JSON
-output checked against an independent forward pass, class names, and the errors a user meets."""
+"""predict.py: JPEG/PNG files and a nested folder with a corrupt file, text and JSON output checked against an
+independent forward pass, class names, and the errors a user meets. The tests call ``predict.main`` in this process
+(the command line without an interpreter start); one runs ``python predict.py`` as a user would."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,14 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
+import predict as predict_script
 from config import load_config
 from data import build_transform
 from models import build_model
-from tests.e2e import run
-from tests.test_checkpoint import upstream_checkpoint
+from tests.helpers import ROOT, config_path, run, upstream_checkpoint
 
-ROOT = Path(__file__).parent.parent
 OPTS = ["--opts", "DATA.IMG_SIZE", "32"]
-PREDICTION = re.compile(r"^  (\d\.\d{4})  +(\d+)  (.+)$")
+PREDICTION = re.compile(r"^  +(\d+\.\d{2})%  class (\d+)(?:: (.+))?$")
 
 
 def write_image(path: Path, seed: int) -> Path:
@@ -75,25 +75,46 @@ def expected_probs(model: torch.nn.Module, path: Path) -> torch.Tensor:
         return model(image[None]).softmax(dim=-1)[0]
 
 
-def predict(*args: str | Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "predict.py", "--cfg", "configs/tiny.yaml", *map(str, args)], timeout=120)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def predict(capsys):
+    """``predict(*args)``: run ``predict.main`` with the tiny config and ``args``; exit status and output."""
+
+    def call(*args: str | Path) -> Result:
+        capsys.readouterr()
+        try:
+            code = predict_script.main(["--cfg", config_path("tiny"), *map(str, args)])
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return call
 
 
 def parse_text(stdout: str) -> dict[str, list[tuple[float, int, str]]]:
-    """``{path: [(prob, class, name), ...]}`` from the text output."""
+    """``{path: [(prob, class, name), ...]}`` from the text output (a nameless class prints as ``class <i>``)."""
     blocks: dict[str, list[tuple[float, int, str]]] = {}
     current = None
     for line in stdout.splitlines():
         match = PREDICTION.match(line)
         if match:
-            blocks[current].append((float(match.group(1)), int(match.group(2)), match.group(3)))
+            index = int(match.group(2))
+            name = match.group(3) if match.group(3) is not None else f"class {index}"
+            blocks[current].append((float(match.group(1)) / 100, index, name))
         else:
             current = line
             blocks[current] = []
     return blocks
 
 
-def test_text_output_for_files_and_a_nested_folder(setup):
+def test_text_output_for_files_and_a_nested_folder(setup, predict):
     proc = predict("--resume", setup["ckpt"], *setup["loose"], setup["root"] / "photos", *OPTS)
     assert proc.returncode == 0, proc.stderr
     # The corrupt file is reported once, by name, and skipped; the text file is not an image and is ignored.
@@ -114,7 +135,7 @@ def test_text_output_for_files_and_a_nested_folder(setup):
     assert len(top1) > 1  # the images are told apart, not one constant answer
 
 
-def test_json_output_matches_and_batching_does_not_matter(setup):
+def test_json_output_matches_and_batching_does_not_matter(setup, predict):
     proc = predict(
         "--resume", setup["ckpt"], *setup["loose"], setup["root"] / "photos", "--json", "--topk", "3",
         "--batch-size", "3", *OPTS,
@@ -135,7 +156,7 @@ def test_json_output_matches_and_batching_does_not_matter(setup):
         assert all(p["name"] == ImageNetInfo().index_to_description(p["class"]) for p in result["predictions"])
 
 
-def test_custom_classes_upstream_file_and_class_names(setup, tmp_path):
+def test_custom_classes_upstream_file_and_class_names(setup, tmp_path, predict):
     model = tiny_model(num_classes=3)
     ckpt = tmp_path / "upstream_3.pth"
     torch.save(upstream_checkpoint(model), ckpt)
@@ -158,19 +179,19 @@ def test_custom_classes_upstream_file_and_class_names(setup, tmp_path):
     assert proc.returncode == 2 and "gives 2 names but the model has 3 classes" in proc.stderr
 
 
-def test_missing_resume_is_refused(setup):
+def test_missing_resume_is_refused(setup, predict):
     proc = predict(*setup["loose"])
     assert proc.returncode == 2
     assert "--resume CKPT is required" in proc.stderr and "random weights" in proc.stderr
 
 
-def test_nothing_readable_exits_1(setup):
+def test_nothing_readable_exits_1(setup, predict):
     proc = predict("--resume", setup["ckpt"], setup["corrupt"], setup["root"] / "missing.jpg", *OPTS)
     assert proc.returncode == 1 and proc.stdout == ""
     assert str(setup["corrupt"]) in proc.stderr and "missing.jpg: no such file or folder" in proc.stderr
 
 
-def test_bad_checkpoint_gives_one_line(setup, tmp_path):
+def test_bad_checkpoint_gives_one_line(setup, tmp_path, predict):
     small = tmp_path / "small.pth"
     config = load_config(str(ROOT / "configs" / "small.yaml"), ["DATA.IMG_SIZE", "32"])
     torch.save({"model": build_model(config).state_dict()}, small)
@@ -180,10 +201,30 @@ def test_bad_checkpoint_gives_one_line(setup, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(setup):
+def test_cuda_matches_cpu(setup, predict):
     args = ["--resume", setup["ckpt"], *setup["loose"], "--json", *OPTS]
     cpu = json.loads(predict(*args, "--device", "cpu").stdout)["images"]
     gpu = json.loads(predict(*args, "--device", "cuda").stdout)["images"]
     for a, b in zip(cpu, gpu, strict=True):
         assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
         assert [p["prob"] for p in a["predictions"]] == pytest.approx([p["prob"] for p in b["predictions"]], abs=1e-4)
+
+
+def test_topk_beyond_the_class_count_says_so(setup, tmp_path, predict):
+    ckpt = tmp_path / "three.pth"
+    torch.save({"model": tiny_model(num_classes=3).state_dict()}, ckpt)
+    proc = predict("--resume", ckpt, setup["loose"][0], "--topk", "10", *OPTS)
+    assert proc.returncode == 0
+    assert "--topk 10 exceeds the model's 3 classes; printing 3" in proc.stderr
+    assert len(parse_text(proc.stdout)[str(setup["loose"][0])]) == 3
+
+
+@pytest.mark.slow
+def test_the_command_line_as_a_user_runs_it(setup):
+    args = ["--resume", setup["ckpt"], setup["loose"][0], "--topk", "2", *OPTS]
+    proc = run([sys.executable, "predict.py", "--cfg", "configs/tiny.yaml", *map(str, args)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = parse_text(proc.stdout)[str(setup["loose"][0])]
+    expected = expected_probs(setup["model"], setup["loose"][0]).topk(2)
+    assert [c for _, c, _ in rows] == expected.indices.tolist()
+    assert [p for p, _, _ in rows] == pytest.approx(expected.values.tolist(), abs=1e-4)

@@ -1,10 +1,12 @@
 """timm registry (models/registry.py), torch.hub entry points (hubconf.py) and the fine-tuning recipe
-(configs/finetune.yaml): creation, pretrained configs, safe strict loading of our and upstream files."""
+(configs/finetune.yaml): creation, pretrained configs, safe strict loading of our and upstream files, and importing
+the project without changing timm."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import urllib.request
 
@@ -15,12 +17,12 @@ import yaml
 from torch import nn
 
 import hubconf
-from checkpoint import CheckpointError, atomic_save, load_file
+from checkpoint import atomic_save, load_file
 from config import load_config
+from errors import CheckpointError
+from models import VARIANTS as RELEASED
 from models import DFvT, build_model
-from tests.conftest import write_image_folder
-from tests.e2e import ROOT, SUMMARY, check, run
-from tests.test_checkpoint import Hostile, upstream_checkpoint
+from tests.helpers import ROOT, SUMMARY, Hostile, check, run, upstream_checkpoint, write_image_folder
 
 VARIANTS = {"dfvt_tiny": "tiny", "dfvt_small": "small", "dfvt_base": "base"}
 HEAD = ("head.weight", "head.bias")
@@ -93,6 +95,10 @@ def test_create_model_matches_manifest_and_config(variant):
 def test_registered_with_timm():
     assert timm.list_models("dfvt_*") == ["dfvt_base", "dfvt_small", "dfvt_tiny"]
     assert timm.is_model_pretrained("dfvt_tiny")
+    for name, released in RELEASED.items():  # the entry points' docs quote the paper's figures table
+        for entry in (timm.models.model_entrypoint(name), getattr(hubconf, name)):
+            assert entry.__doc__.startswith(f"{released.title}: {released.params / 1e6:.2f} M parameters")
+            assert f"{released.top1:.2f} % ImageNet-1K top-1" in entry.__doc__
 
 
 def test_keyword_overrides():
@@ -106,19 +112,28 @@ def test_keyword_overrides():
         timm.create_model("dfvt_tiny", img_size=(32, 64))
 
 
-@pytest.mark.parametrize("fmt", ["ours", "upstream"])
-def test_checkpoint_path_loads_the_saved_weights(saved, fmt):
-    model = timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(saved[fmt]))
+def test_checkpoint_path_is_timms_own_loader(saved):
+    # Our files load with weights_only, so timm's loader reads them strictly.
+    model = timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(saved["ours"]))
     assert_same_weights(model, saved["state"])
+    # Upstream files pickle a yacs config: timm's weights_only read refuses them (the README points to the overlay).
+    with pytest.raises(RuntimeError, match="weights_only"):
+        timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(saved["upstream"]))
+    # A head of another size is timm's strict mismatch, not a re-initialisation.
+    with pytest.raises(RuntimeError, match="head.weight"):
+        timm.create_model("dfvt_tiny", img_size=32, num_classes=10, checkpoint_path=str(saved["ours"]))
 
 
 @pytest.mark.parametrize("fmt", ["ours", "upstream"])
-def test_checkpoint_path_reinitialises_another_head(saved, fmt):
-    model = timm.create_model("dfvt_tiny", img_size=32, num_classes=10, checkpoint_path=str(saved[fmt]))
+def test_pretrained_overlay_reinitialises_another_head(saved, fmt):
+    overlay = {"file": str(saved[fmt])}
+    model = timm.create_model("dfvt_tiny", pretrained=True, pretrained_cfg_overlay=overlay, img_size=32, num_classes=10)
     own = {k: v for k, v in saved["state"].items() if k not in HEAD}
     assert_same_weights(model, {**own, **{k: model.state_dict()[k] for k in HEAD}}, skip=HEAD)
     assert_fresh_head(model, 10)
-    features = timm.create_model("dfvt_tiny", img_size=32, num_classes=0, checkpoint_path=str(saved[fmt]))
+    features = timm.create_model(
+        "dfvt_tiny", pretrained=True, pretrained_cfg_overlay=overlay, img_size=32, num_classes=0
+    )
     assert_same_weights(features, own)
 
 
@@ -138,17 +153,52 @@ def test_pretrained_without_the_release_file_says_how_to_get_it(tmp_path, monkey
         timm.create_model("dfvt_tiny", pretrained=True)
 
 
-def test_checkpoint_path_refuses_hostile_and_wrong_files(tmp_path):
+def test_every_loader_refuses_hostile_files(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": seeded_tiny().state_dict(), "payload": Hostile(marker)}, evil)
     with pytest.raises(CheckpointError, match="refused"):
+        timm.create_model("dfvt_tiny", pretrained=True, pretrained_cfg_overlay={"file": str(evil)}, img_size=32)
+    with pytest.raises(RuntimeError, match="weights_only"):
         timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(evil))
     assert not marker.exists()
+
+
+def test_pretrained_overlay_names_the_right_variant(tmp_path):
     small = tmp_path / "small.pth"
     torch.save({"model": timm.create_model("dfvt_small", img_size=32).state_dict()}, small)
     with pytest.raises(CheckpointError, match="this looks like DFvT-S: use configs/small.yaml"):
-        timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(small))
+        timm.create_model("dfvt_tiny", pretrained=True, pretrained_cfg_overlay={"file": str(small)}, img_size=32)
+
+
+# Every function, class and module-level value of the third-party modules the project touches, by identity.
+SNAPSHOT = """
+import importlib, sys, types
+names = ["timm", "timm.models", "timm.models._factory", "timm.models._helpers", "timm.models._registry",
+         "timm.data", "timm.layers", "torch", "torch.nn.functional", "torch.serialization", "torch.hub", "yacs.config",
+         "PIL.Image", "PIL.ImageOps", "torchvision.transforms", "numpy", "pickle"]
+def snapshot():
+    out = {}
+    for name in names:
+        module = importlib.import_module(name)
+        for key, value in vars(module).items():
+            if not isinstance(value, types.ModuleType) and not key.startswith("__"):
+                out[f"{name}.{key}"] = id(value)
+    return out
+before = snapshot()
+import hubconf, main, predict, engine, models, data  # every entry point, hence every project module
+after = snapshot()
+changed = sorted(k for k in before if k in after and before[k] != after[k])
+print("CHANGED", changed)
+"""
+
+
+def test_importing_the_project_changes_no_third_party_module():
+    proc = subprocess.run([sys.executable, "-c", SNAPSHOT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    changed = proc.stdout.strip().splitlines()[-1]
+    # Registering models adds entries to timm's registry tables (their contents, not their identity).
+    assert changed == "CHANGED []", changed
 
 
 def test_other_timm_models_keep_timms_loader(tmp_path):
@@ -224,7 +274,9 @@ def test_finetune_recipe_from_an_upstream_checkpoint(tmp_path):
     result = load_file(str(run_dir / "ckpt_epoch_0.pth"))
     used = yaml.safe_load(result["config"])  # the recipe's values, as the run saved them
     assert used["TRAIN"]["WEIGHT_DECAY"] == 1e-8 and used["AUG"]["MIXUP"] == used["AUG"]["CUTMIX"] == 0.0
-    assert used["TRAIN"]["BASE_LR"] == pytest.approx(1e-4 * 4 / 512) and used["MODEL"]["LABEL_SMOOTHING"] == 0.1
+    assert used["TRAIN"]["BASE_LR"] == 1e-4 and used["MODEL"]["LABEL_SMOOTHING"] == 0.1  # as configured
+    # The run trained at the recipe's LR scaled by its total batch (4 / 512), kept as a value, not in the config.
+    assert [g["initial_lr"] for g in result["optimizer"]["param_groups"]] == pytest.approx([1e-4 * 4 / 512] * 4)
     tuned = result["model"]
     assert tuned["head.weight"].shape == (3, 384)
     # Fine-tuned, not trained from scratch: three steps at a tiny LR leave the backbone near the file's.

@@ -1,8 +1,10 @@
-"""main.train_one_epoch and friends: accumulation, schedule stepping, precision and loss choice."""
+"""engine.py: train_one_epoch (accumulation, schedule stepping, clipping, non-finite losses), precision and loss
+choice, and the run state's state_dict round trip."""
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 
 import pytest
@@ -10,9 +12,10 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from checkpoint import NonFiniteLossError
 from config import load_config
-from main import Precision, build_criterion, choose_precision, train_one_epoch
+from engine import Precision, RunState, build_criterion, choose_precision, train_one_epoch
+from errors import NonFiniteLossError
+from lr_scheduler import build_scheduler
 from utils import DistEnv
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -21,20 +24,9 @@ FP32 = Precision(None, False)
 
 def run_epoch(config, model, batches, optimizer, epoch, recorder, scaler=None, precision=FP32):
     """``train_one_epoch`` with plain cross-entropy, no Mixup, on the CPU (no grad scaler by default)."""
-    return train_one_epoch(
-        config,
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        optimizer,
-        epoch,
-        None,
-        recorder,
-        scaler or torch.amp.GradScaler("cpu", enabled=False),
-        precision,
-        CPU,
-        logging.getLogger("test"),
-    )
+    run = RunState(model, optimizer, recorder, scaler or torch.amp.GradScaler("cpu", enabled=False))
+    criterion = nn.CrossEntropyLoss()
+    return train_one_epoch(config, run, model, criterion, batches, None, epoch, precision, CPU, logging.getLogger("t"))
 
 
 class StepRecorder:
@@ -98,6 +90,7 @@ def test_precision_choice():
     assert choose_precision(load_config(None, ["AMP_ENABLE", "False"]), cuda) == Precision(None, False)
     assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O1"]), cuda) == Precision(torch.float16, True)
     assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O2"]), cpu) == Precision(torch.bfloat16, False)
+    assert Precision(torch.float16, True).name == "float16 with GradScaler" and Precision(None, False).name == "fp32"
 
 
 def test_criterion_follows_mixup_and_smoothing():
@@ -140,3 +133,43 @@ def test_grad_scaler_skips_non_finite_steps_and_counts_them():
     stats = _epoch(model, torch.amp.GradScaler("cpu", enabled=True), Precision(torch.bfloat16, True))
     assert stats["skipped_steps"] == 2  # steps 3 and 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def small_run(seed: int) -> RunState:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(load_config(None, ["TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1"]), optimizer, 2)
+    return RunState(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_run_state_round_trip_continues_identically(caplog):
+    a = small_run(0)
+    config = load_config(None, ["TRAIN.EPOCHS", "3", "PRINT_FREQ", "1"])
+    batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(2)]
+    train_one_epoch(config, a, a.model, nn.CrossEntropyLoss(), batches, None, 0, FP32, CPU, logging.getLogger("t"))
+    a.next_epoch, a.max_accuracy = 1, 42.0
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = small_run(1)  # other weights, fresh optimizer and schedule
+    b.load_state_dict(torch.load(buffer, weights_only=True), "buffer", logging.getLogger("t"))
+    assert (b.next_epoch, b.max_accuracy, b.state_dict()["epoch"]) == (1, 42.0, 0)
+    for run in (a, b):  # the next epoch from the restored state equals the original's
+        train_one_epoch(
+            config, run, run.model, nn.CrossEntropyLoss(), batches, None, 1, FP32, CPU, logging.getLogger("t")
+        )
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"]
+
+
+def test_run_state_skips_foreign_pieces_with_a_warning(caplog):
+    run = small_run(0)
+    foreign = {**run.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 1.0, "params": [0, 1, 2]}]}}
+    del foreign["scaler"]
+    foreign["amp"] = {"loss_scaler0": {}}
+    with caplog.at_level(logging.WARNING):
+        run.load_state_dict(foreign, "upstream.pth", logging.getLogger("t"))
+    assert "upstream.pth: its optimizer state does not fit this run and was skipped" in caplog.text
+    assert "apex loss-scaler state ignored" in caplog.text

@@ -1,0 +1,416 @@
+"""The training engine: precision, the loss, one epoch of training, validation, throughput, the run's state with
+one ``state_dict()``, resuming and saving it, and the epoch loop. ``main.py`` builds the pieces and hands them over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import distribute_bn
+from torch import nn
+from yacs.config import CfgNode
+
+from checkpoint import atomic_save, capture_rng_state, find_resumable, load_file, model_state_of, restore_rng_state
+from data import Data
+from errors import CheckpointError, DataError, NonFiniteLossError
+from logger import create_tensorboard_writer
+from lr_scheduler import optimizer_steps_per_epoch
+from models import load_model_weights, load_pretrained
+from utils import DistEnv, SmoothedValue, all_reduce_sum, state_fingerprint
+
+# ----------------------------------------------------------------------------------------------- precision and loss
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: autocast dtype (None for fp32) and whether a GradScaler is needed."""
+
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+    @property
+    def name(self) -> str:
+        name = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return name + (" with GradScaler" if self.use_scaler else "")
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def choose_precision(config: CfgNode, device: torch.device) -> Precision:
+    """fp32 for O0 / AMP off; otherwise fp16 autocast + GradScaler on CUDA, bf16 autocast elsewhere."""
+    if not config.AMP_ENABLE or config.AMP_OPT_LEVEL == "O0":
+        return Precision(None, False)
+    if device.type == "cuda":
+        return Precision(torch.float16, True)
+    return Precision(torch.bfloat16, False)
+
+
+def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:
+    """Soft-target loss under Mixup/CutMix (which smooths labels itself), else label smoothing, else plain CE."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def memory_note(device: torch.device) -> str:
+    """Peak memory so far: CUDA memory allocated on a GPU, the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return f"mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
+    return f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB"  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------- the run's state
+
+
+class RunState:
+    """What a training run carries from epoch to epoch: model, optimizer, LR schedule, grad scaler, the next epoch
+    and the best validation top-1 so far; ``state_dict()`` is the checkpoint's training part.
+
+    Args:
+        model: the bare model (not a DDP or compiled wrapper).
+        optimizer, lr_scheduler, scaler: the run's optimizer, timm scheduler and ``torch.amp.GradScaler``.
+        next_epoch: the first epoch still to run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        next_epoch: int = 0,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scaler = scaler
+        self.next_epoch = next_epoch
+        self.max_accuracy = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (loadable with ``weights_only``); ``epoch`` is the last finished one."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.next_epoch - 1,
+            "max_accuracy": self.max_accuracy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str, logger: logging.Logger) -> None:
+        """Continue from ``state`` (ours or an upstream checkpoint read from ``source``): the model strictly; the
+        optimizer, schedule and scaler where they fit this run (others are skipped with a warning)."""
+        load_model_weights(self.model, model_state_of(state, source), source)
+        pieces = (("optimizer", self.optimizer), ("lr_scheduler", self.lr_scheduler), ("scaler", self.scaler))
+        for key, target in pieces:
+            if key in state:
+                try:
+                    target.load_state_dict(state[key])
+                except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+                    what = {"lr_scheduler": "LR scheduler", "scaler": "grad scaler"}.get(key, key)
+                    logger.warning(f"{source}: its {what} state does not fit this run and was skipped ({e})")
+        if "scaler" not in state and "amp" in state:
+            logger.warning(f"{source}: apex loss-scaler state ignored; torch.amp's GradScaler starts afresh")
+        self.next_epoch = int(state["epoch"]) + 1
+        self.max_accuracy = float(state.get("max_accuracy", 0.0))
+
+
+def gather_rng_states(env: DistEnv) -> list[dict]:
+    """Every process's generator states, indexed by rank (all processes must call this together)."""
+    state = capture_rng_state()
+    if not env.distributed:
+        return [state]
+    states: list = [None] * env.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(path: str, run: RunState, config: CfgNode, env: DistEnv, class_names: list[str] | None) -> None:
+    """Write the run's state, the config (YAML text), every process's generator states and the class names (for
+    ``predict.py``) atomically to ``path`` from rank 0 (all processes must call this together)."""
+    rng = gather_rng_states(env)
+    if env.is_main:
+        atomic_save({**run.state_dict(), "config": config.dump(), "rng": rng, "class_names": class_names}, path)
+
+
+def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger) -> str | None:
+    """Load what the run starts from: the newest checkpoint of its folder (``TRAIN.AUTO_RESUME``), else
+    ``MODEL.RESUME``, else ``MODEL.PRETRAINED`` (weights only). Returns the checkpoint resumed from, if any."""
+    path, ckpt = config.MODEL.RESUME, None
+    if config.TRAIN.AUTO_RESUME:
+        found = find_resumable(config.OUTPUT, logger)
+        if found:
+            if path and path != found[0]:
+                logger.warning(f"auto-resume: {found[0]} is newer than --resume {path}; resuming from it")
+            path, ckpt = found
+    if not path:
+        if config.MODEL.PRETRAINED:
+            load_pretrained(run.model, config.MODEL.PRETRAINED, logger)
+        return None
+    logger.info(f"Resuming from {path}")
+    ckpt = ckpt if ckpt is not None else load_file(path)
+    if not (isinstance(ckpt, dict) and "epoch" in ckpt):  # weights only: the run starts at its first epoch
+        load_model_weights(run.model, model_state_of(ckpt, path), path)
+        return path
+    run.load_state_dict(ckpt, path, logger)
+    rng = ckpt.get("rng")
+    if isinstance(rng, list) and len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    else:
+        logger.warning(f"{path}: no generator state for {env.world_size} process(es); randomness restarts from SEED")
+    logger.info(f"Resumed optimizer, schedule and scaler; continuing at epoch {run.next_epoch}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    config: CfgNode,
+    run: RunState,
+    model: nn.Module,
+    criterion: nn.Module,
+    loader,
+    mixup_fn,
+    epoch: int,
+    precision: Precision,
+    env: DistEnv,
+    logger: logging.Logger,
+    writer=None,
+) -> dict[str, float]:
+    """One epoch of optimizer steps; each step accumulates ``TRAIN.ACCUMULATION_STEPS`` micro-batches. ``model`` is
+    ``run.model`` as the loop calls it (possibly in a DDP or compiled wrapper).
+
+    Micro-batches left over after the last full step of the epoch are skipped, so every step applies the mean
+    gradient of exactly ``ACCUMULATION_STEPS`` micro-batches.
+    """
+    optimizer, scaler = run.optimizer, run.scaler
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    steps = optimizer_steps_per_epoch(len(loader), accum)
+    loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
+    skipped = 0
+    start = end = time.time()
+    for idx, (samples, targets) in enumerate(loader):
+        if idx >= steps * accum:
+            break
+        samples = samples.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        last_micro = (idx + 1) % accum == 0
+        # Under DDP, gradients are all-reduced only on the micro-batch that completes a step.
+        sync = contextlib.nullcontext() if last_micro or not env.distributed else model.no_sync()
+        with sync:
+            with precision.autocast(env.device):
+                outputs = model(samples)
+            loss = criterion(outputs.float(), targets)
+            scaler.scale(loss / accum).backward()
+        loss_value = loss.item()
+        step = idx // accum + 1
+        if not math.isfinite(loss_value) and not scaler.is_enabled():
+            raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {step}/{steps}")
+        if not last_micro:
+            continue
+        scaler.unscale_(optimizer)
+        clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() < scale_before:
+            skipped += 1  # the scaler found inf/NaN gradients and skipped this step
+        optimizer.zero_grad(set_to_none=True)
+        run.lr_scheduler.step_update(epoch * steps + step)
+        if not math.isfinite(loss_value):
+            continue
+
+        loss_meter.update(loss_value, targets.size(0))
+        norm_meter.update(grad_norm.item())
+        time_meter.update(time.time() - end)
+        end = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        if writer is not None:
+            global_step = epoch * steps + step
+            writer.add_scalar("train/loss", loss_value, global_step)
+            writer.add_scalar("train/lr", lr, global_step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), global_step)
+        if step % config.PRINT_FREQ == 0 or step == steps:
+            eta_epoch = time_meter.avg * (steps - step)
+            eta_run = eta_epoch + time_meter.avg * steps * (config.TRAIN.EPOCHS - epoch - 1)
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{step}/{steps}]\t"
+                f"eta {datetime.timedelta(seconds=int(eta_epoch))} (run {datetime.timedelta(seconds=int(eta_run))}) "
+                f"lr {lr:.3e}\t"
+                f"time {time_meter.value:.4f} ({time_meter.global_avg:.4f})\t"
+                f"loss {loss_meter.value:.4f} ({loss_meter.global_avg:.4f})\t"
+                f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
+                f"{memory_note(env.device)}" + (f"\tskipped steps {skipped}" if scaler.is_enabled() else "")
+            )
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    if skipped:
+        logger.warning(f"EPOCH {epoch}: the grad scaler skipped {skipped} of {steps} steps (inf/NaN gradients)")
+    return {
+        "loss": loss_meter.global_avg,
+        "grad_norm": norm_meter.global_avg,
+        "epoch_time": time.time() - start,
+        "skipped_steps": skipped,
+    }
+
+
+@torch.no_grad()
+def validate(
+    config: CfgNode, loader, model: nn.Module, num_classes: int, precision: Precision, env: DistEnv, logger
+) -> tuple[float, float, float]:
+    """Top-1, top-5 (%) and mean cross-entropy over the whole validation set, from counts summed over processes."""
+    model.eval()
+    k = min(5, num_classes)
+    correct1 = correct5 = loss_sum = count = 0.0
+    for idx, (images, targets) in enumerate(loader):
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        with precision.autocast(env.device):
+            outputs = model(images)
+        outputs = outputs.float()
+        loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
+        top = outputs.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += hits[:, :1].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += targets.size(0)
+        if (idx + 1) % config.PRINT_FREQ == 0:
+            logger.info(f"Test: [{idx + 1}/{len(loader)}]")
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], env.device)
+    if count == 0:
+        raise DataError("The validation set is empty; put images under <data-path>/val/<class>/.")
+    acc1, acc5, loss = 100.0 * correct1 / count, 100.0 * correct5 / count, loss_sum / count
+    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} Loss {loss:.4f}")
+    return acc1, acc5, loss
+
+
+@torch.no_grad()
+def throughput(config: CfgNode, loader, model: nn.Module, precision: Precision, env: DistEnv, logger) -> float:
+    """Images per second of the eval forward pass on one batch (real when a loader is given, else synthetic)."""
+    model.eval()
+    if loader is not None:
+        images = next(iter(loader))[0].to(env.device)
+    else:
+        size = config.DATA.IMG_SIZE
+        images = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.DFVT.IN_CHANS, size, size, device=env.device)
+    batch = images.shape[0]
+    warmup, iters = config.THROUGHPUT.WARMUP_ITERS, config.THROUGHPUT.ITERS
+
+    def sync() -> None:
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    source = "a batch of the validation data" if loader is not None else "a synthetic batch"
+    logger.info(f"throughput: {warmup} warm-up iterations on {source} of {batch}, then {iters} timed ...")
+    with precision.autocast(env.device):
+        start = time.perf_counter()
+        for _ in range(warmup):
+            model(images)
+        sync()
+        logger.info(f"throughput: warm-up took {time.perf_counter() - start:.1f} s; timing {iters} iterations ...")
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(images)
+        sync()
+        elapsed = time.perf_counter() - start
+    rate = iters * batch / elapsed
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+    logger.info(
+        f"throughput {rate:.1f} images/s | batch {batch} | device {env.device} ({device_name}) | dtype {precision.name}"
+        f" | {iters} timed iterations after {warmup} warm-up"
+    )
+    return rate
+
+
+def train(
+    config: CfgNode,
+    run: RunState,
+    model: nn.Module,
+    data: Data,
+    precision: Precision,
+    env: DistEnv,
+    logger: logging.Logger,
+    last_saved: str | None = None,
+) -> None:
+    """Epochs ``run.next_epoch`` .. ``TRAIN.EPOCHS - 1``: train, average BatchNorm statistics over processes,
+    validate, and save every ``SAVE_FREQ`` epochs, at the last epoch and on a new best top-1."""
+    criterion = build_criterion(config, data.mixup_fn is not None)
+    class_names = list(data.info.class_names) if data.info.class_names else None
+    writer = create_tensorboard_writer(config.OUTPUT, env.rank, logger)
+    logger.info("Start training")
+    start = time.time()
+    for epoch in range(run.next_epoch, config.TRAIN.EPOCHS):
+        if hasattr(data.train.sampler, "set_epoch"):
+            data.train.sampler.set_epoch(epoch)
+        try:
+            stats = train_one_epoch(
+                config, run, model, criterion, data.train, data.mixup_fn, epoch, precision, env, logger, writer
+            )
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(
+                f"{e}; stopped without saving. Last good checkpoint: {last_saved or 'none yet'}. "
+                f"Lower TRAIN.BASE_LR or check the data, then resume from it."
+            ) from e
+        if env.distributed:
+            # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
+            distribute_bn(model, env.world_size, reduce=True)
+        acc1, acc5, val_loss = validate(config, data.val, model, data.info.num_classes, precision, env, logger)
+        if writer is not None:
+            scalars = {
+                "train/epoch_time_s": stats["epoch_time"],
+                "val/top1": acc1,
+                "val/top5": acc5,
+                "val/loss": val_loss,
+            }
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, epoch)
+            writer.flush()
+        is_best = acc1 > run.max_accuracy
+        run.max_accuracy = max(run.max_accuracy, acc1)
+        run.next_epoch = epoch + 1
+        if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
+            last_saved = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
+            save_checkpoint(last_saved, run, config, env, class_names)
+            logger.info(f"{last_saved} saved")
+        logger.info(f"Accuracy of the network on the {data.info.num_val} test images: {acc1:.1f}%")
+        logger.info(f"Max accuracy: {run.max_accuracy:.2f}%")
+    logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
+    logger.info(f"Final weights fingerprint (sha256 of the state_dict): {state_fingerprint(run.model)}")
+    if writer is not None:
+        writer.close()
+
+
+def evaluate(
+    config: CfgNode, model: nn.Module, bare: nn.Module, data: Data, precision: Precision, env: DistEnv, logger
+) -> float:
+    """``--eval``: load ``MODEL.RESUME`` into ``bare`` strictly and validate ``model`` (its wrapper); top-1 (%)."""
+    if not config.MODEL.RESUME:
+        raise CheckpointError("--eval needs the checkpoint to evaluate: add --resume CKPT.")
+    path = config.MODEL.RESUME
+    load_model_weights(bare, model_state_of(load_file(path), path), path)
+    logger.info(f"Loaded model weights from {path} (strict: every key and shape matched)")
+    acc1, _, _ = validate(config, data.val, model, data.info.num_classes, precision, env, logger)
+    logger.info(f"Accuracy of the network on the {data.info.num_val} test images: {acc1:.1f}%")
+    return acc1
