@@ -53,6 +53,7 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt_epoch_0.pth"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_kill_during_repeated_saves_never_leaves_a_torn_file(tmp_path):
     """SIGKILL a process that keeps rewriting a ~8 MB checkpoint: the final name always holds a complete file."""
     path = tmp_path / "ckpt_epoch_0.pth"
