@@ -41,8 +41,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        name = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return name + (" with GradScaler" if self.use_scaler else "")
+        return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -66,10 +66,11 @@ def run_summary(
     if data is not None:
         i = data.info
         split = f"{i.num_train} train, {i.num_val} val images" if i.num_train is not None else f"{i.num_val} val images"
-        lines.append(f"Data: {config.DATA.DATASET} {i.root}{' (zip)' if config.DATA.ZIP_MODE else ''} | "
-                     f"{i.num_classes} classes | {split}")  # fmt: skip
+        zipped = " (zip)" if config.DATA.ZIP_MODE else ""
+        lines.append(f"Data: {config.DATA.DATASET} {i.root}{zipped} | {i.num_classes} classes | {split}")
+    scaler = " with GradScaler" if precision.use_scaler else ""
     lines.append(
-        f"Precision: {precision.name} | batch {batch} per process x {env.world_size} process(es) x {accum} "
+        f"Precision: {precision.name}{scaler} | batch {batch} per process x {env.world_size} process(es) x {accum} "
         f"accumulation step(s) = {batch * env.world_size * accum}"
     )
     if lrs is not None:

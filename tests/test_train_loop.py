@@ -90,7 +90,7 @@ def test_precision_choice():
     assert choose_precision(load_config(None, ["AMP_ENABLE", "False"]), cuda) == Precision(None, False)
     assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O1"]), cuda) == Precision(torch.float16, True)
     assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O2"]), cpu) == Precision(torch.bfloat16, False)
-    assert Precision(torch.float16, True).name == "float16 with GradScaler" and Precision(None, False).name == "fp32"
+    assert Precision(torch.float16, True).name == "float16" and Precision(None, False).name == "fp32"
 
 
 def test_criterion_follows_mixup_and_smoothing():
