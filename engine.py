@@ -9,7 +9,6 @@ import datetime
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +70,10 @@ def memory_note(device: torch.device) -> str:
     """Peak memory so far: CUDA memory allocated on a GPU, the process's peak resident set on the CPU."""
     if device.type == "cuda":
         return f"mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
+    try:
+        import resource  # POSIX only: on Windows the line prints no memory figure rather than failing
+    except ImportError:
+        return ""
     return f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB"  # Linux reports KiB
 
 
