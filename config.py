@@ -14,6 +14,8 @@ from yacs.config import CfgNode as CN
 from errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the variants' and recipes' YAML files
+# Keys that take a number or the word "auto": held as text, so a YAML or --opts number passes yacs' type check.
+NUMBER_OR_AUTO = ("DATA.NUM_WORKERS",)
 
 _C = CN()
 _C.BASE = []  # YAML files merged before this one (paths relative to it)
@@ -28,7 +30,10 @@ _C.DATA.INTERPOLATION = "bicubic"  # resize interpolation: random, bilinear or b
 _C.DATA.ZIP_MODE = False  # read train.zip/val.zip with *_map.txt instead of folders
 _C.DATA.CACHE_MODE = "part"  # zip mode cache: no, part (a shard per process) or full
 _C.DATA.PIN_MEMORY = True  # pin host memory in the loaders (faster host-to-GPU copies)
-_C.DATA.NUM_WORKERS = 8  # loader worker processes per process
+_C.DATA.NUM_WORKERS = "auto"  # loader workers per process; auto: the node's cores shared by its processes, minus one
+# fast: uint8 batches from torchvision's JPEG decoder and torch's resize, normalised, erased and prefetched on the
+# device; upstream: PIL + timm's create_transform in the workers, float batches (the released recipe, bit for bit)
+_C.DATA.PIPELINE = "fast"
 
 # Model (the defaults are DFvT-T)
 _C.MODEL = CN()
@@ -108,8 +113,11 @@ _C.THROUGHPUT.WARMUP_ITERS = 50  # untimed iterations first
 _C.THROUGHPUT.ITERS = 30  # timed iterations
 
 # Misc
-_C.AMP_ENABLE = True  # mixed precision (torch.amp) when a GPU is used
-_C.AMP_OPT_LEVEL = "O1"  # O0: fp32; O1/O2: autocast (fp16 + GradScaler on CUDA, else bf16)
+_C.AMP_ENABLE = True  # mixed precision (torch.amp autocast)
+_C.AMP_OPT_LEVEL = "O1"  # O0: fp32 (same as AMP_ENABLE False); O1/O2: autocast in AMP_DTYPE
+# auto: bfloat16 without a GradScaler on GPUs that support it (Ampere and newer) and on the CPU, float16 with a
+# GradScaler on older GPUs; bfloat16 or float16 force one (float16 always with a GradScaler)
+_C.AMP_DTYPE = "auto"
 _C.OUTPUT = "output"  # output root; runs go to OUTPUT/MODEL.NAME/TAG
 _C.TAG = "default"  # run tag
 _C.SAVE_FREQ = 1  # checkpoint every SAVE_FREQ epochs (also at the last epoch and on a new best)
@@ -136,18 +144,26 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
     for base in data.get("BASE") or []:
         if base:
             _merge_yaml(config, path.parent / base)
+    for key in NUMBER_OR_AUTO:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = repr(str(node[leaf]))  # yacs decodes values with literal_eval: keep text as text
     config.defrost()
     try:
-        config.merge_from_file(str(path))
-    except (KeyError, ValueError) as e:
+        config.merge_from_other_cfg(CN(data))
+    except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"Config file {path}: {e}. Check the key names and types against config.py.") from e
 
 
 def _merge_opts(config: CN, opts: list[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {opts}.")
+    opts = [repr(str(v)) if i % 2 and opts[i - 1] in NUMBER_OR_AUTO else v for i, v in enumerate(opts)]
     try:
-        config.merge_from_list(list(opts))
+        config.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"--opts {' '.join(opts)}: {e}. Check the key names against config.py.") from e
 

@@ -22,7 +22,7 @@ from yacs.config import CfgNode
 
 from checkpoint import atomic_save, capture_rng_state, find_resumable, load_file, model_state_of, restore_rng_state
 from data import Data
-from errors import CheckpointError, DataError, NonFiniteLossError
+from errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from logger import create_tensorboard_writer
 from lr_scheduler import optimizer_steps_per_epoch
 from models import load_model_weights, load_pretrained
@@ -31,16 +31,25 @@ from utils import DistEnv, SmoothedValue, all_reduce_sum, state_fingerprint
 # ----------------------------------------------------------------------------------------------- precision and loss
 
 
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class Precision:
-    """How the forward pass runs: autocast dtype (None for fp32) and whether a GradScaler is needed."""
+    """How the forward pass runs: autocast dtype (None for fp32), whether a GradScaler is needed, and why."""
 
     dtype: torch.dtype | None
     use_scaler: bool
+    reason: str = ""
 
     @property
     def name(self) -> str:
         return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        """For the run summary, e.g. ``bfloat16 autocast (AMP_DTYPE auto: the GPU supports bfloat16)``."""
+        what = "fp32" if self.dtype is None else f"{self.name} autocast" + (" with GradScaler" if self.use_scaler else "")
+        return f"{what} ({self.reason})" if self.reason else what
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -48,13 +57,28 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
-def choose_precision(config: CfgNode, device: torch.device) -> Precision:
-    """fp32 for O0 / AMP off; otherwise fp16 autocast + GradScaler on CUDA, bf16 autocast elsewhere."""
+def choose_precision(config: CfgNode, device: torch.device, cuda_bf16: bool | None = None) -> Precision:
+    """fp32 for ``AMP_OPT_LEVEL O0`` / ``AMP_ENABLE False``; else autocast in ``AMP_DTYPE``.
+
+    ``auto`` is bfloat16 without a GradScaler (bf16 has fp32's range, so gradients do not underflow) on the CPU and
+    on GPUs with native bf16 (Ampere and newer), float16 with a GradScaler on older GPUs. ``float16`` always comes
+    with a GradScaler. ``cuda_bf16`` overrides the GPU's answer (for tests).
+    """
     if not config.AMP_ENABLE or config.AMP_OPT_LEVEL == "O0":
-        return Precision(None, False)
-    if device.type == "cuda":
-        return Precision(torch.float16, True)
-    return Precision(torch.bfloat16, False)
+        return Precision(None, False, "AMP_OPT_LEVEL O0" if config.AMP_OPT_LEVEL == "O0" else "AMP_ENABLE False")
+    choice = str(config.AMP_DTYPE).lower()
+    if choice not in ("auto", *AMP_DTYPES):
+        raise ConfigError(f"AMP_DTYPE {config.AMP_DTYPE!r} must be auto, bfloat16 or float16.")
+    if choice != "auto":
+        dtype = AMP_DTYPES[choice]
+        return Precision(dtype, dtype == torch.float16, f"AMP_DTYPE {choice}")
+    if device.type != "cuda":
+        return Precision(torch.bfloat16, False, f"AMP_DTYPE auto on {device.type}")
+    if cuda_bf16 is None:
+        cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if cuda_bf16:
+        return Precision(torch.bfloat16, False, "AMP_DTYPE auto: the GPU supports bfloat16")
+    return Precision(torch.float16, True, "AMP_DTYPE auto: no native bfloat16 on this GPU")
 
 
 def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:
@@ -122,6 +146,9 @@ class RunState:
         load_model_weights(self.model, model_state_of(state, source), source)
         pieces = (("optimizer", self.optimizer), ("lr_scheduler", self.lr_scheduler), ("scaler", self.scaler))
         for key, target in pieces:
+            if key == "scaler" and key in state and not state[key] and self.scaler.is_enabled():
+                logger.info(f"{source}: saved without a GradScaler (bfloat16 or fp32); the scaler starts afresh")
+                continue
             if key in state:
                 try:
                     target.load_state_dict(state[key])
@@ -208,8 +235,43 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     steps = optimizer_steps_per_epoch(len(loader), accum)
+    clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
     loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
     skipped = 0
+    # Per-step figures stay on the device until the next report: one host sync per PRINT_FREQ steps, not per step.
+    pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, batch size, LR, [loss, grad norm])
+
+    def report(step: int) -> None:
+        nonlocal skipped
+        values = torch.stack([figures for *_, figures in pending]).tolist()
+        for (at, n, lr, _), (loss_value, grad_norm) in zip(pending, values):
+            if not math.isfinite(loss_value) and not scaler.is_enabled():
+                raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {at}/{steps}")
+            if scaler.is_enabled() and not math.isfinite(grad_norm):
+                skipped += 1  # the scaler found inf/NaN gradients and skipped this step
+            if not math.isfinite(loss_value):
+                continue
+            loss_meter.update(loss_value, n)
+            norm_meter.update(grad_norm)
+            if writer is not None:
+                global_step = epoch * steps + at
+                writer.add_scalar("train/loss", loss_value, global_step)
+                writer.add_scalar("train/lr", lr, global_step)
+                writer.add_scalar("train/grad_norm", grad_norm, global_step)
+        pending.clear()
+        lr = optimizer.param_groups[0]["lr"]
+        eta_epoch = time_meter.avg * (steps - step)
+        eta_run = eta_epoch + time_meter.avg * steps * (config.TRAIN.EPOCHS - epoch - 1)
+        logger.info(
+            f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{step}/{steps}]\t"
+            f"eta {datetime.timedelta(seconds=int(eta_epoch))} (run {datetime.timedelta(seconds=int(eta_run))}) "
+            f"lr {lr:.3e}\t"
+            f"time {time_meter.value:.4f} ({time_meter.global_avg:.4f})\t"
+            f"loss {loss_meter.value:.4f} ({loss_meter.global_avg:.4f})\t"
+            f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
+            f"{memory_note(env.device)}" + (f"\tskipped steps {skipped}" if scaler.is_enabled() else "")
+        )
+
     start = end = time.time()
     for idx, (samples, targets) in enumerate(loader):
         if idx >= steps * accum:
@@ -226,47 +288,21 @@ def train_one_epoch(
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)
             scaler.scale(loss / accum).backward()
-        loss_value = loss.item()
-        step = idx // accum + 1
-        if not math.isfinite(loss_value) and not scaler.is_enabled():
-            raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {step}/{steps}")
         if not last_micro:
             continue
+        step = idx // accum + 1
         scaler.unscale_(optimizer)
-        clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(optimizer)
         scaler.update()
-        if scaler.is_enabled() and scaler.get_scale() < scale_before:
-            skipped += 1  # the scaler found inf/NaN gradients and skipped this step
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step used (the schedule moves it next)
         run.lr_scheduler.step_update(epoch * steps + step)
-        if not math.isfinite(loss_value):
-            continue
-
-        loss_meter.update(loss_value, targets.size(0))
-        norm_meter.update(grad_norm.item())
+        pending.append((step, targets.size(0), lr, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
         time_meter.update(time.time() - end)
         end = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        if writer is not None:
-            global_step = epoch * steps + step
-            writer.add_scalar("train/loss", loss_value, global_step)
-            writer.add_scalar("train/lr", lr, global_step)
-            writer.add_scalar("train/grad_norm", grad_norm.item(), global_step)
         if step % config.PRINT_FREQ == 0 or step == steps:
-            eta_epoch = time_meter.avg * (steps - step)
-            eta_run = eta_epoch + time_meter.avg * steps * (config.TRAIN.EPOCHS - epoch - 1)
-            logger.info(
-                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{step}/{steps}]\t"
-                f"eta {datetime.timedelta(seconds=int(eta_epoch))} (run {datetime.timedelta(seconds=int(eta_run))}) "
-                f"lr {lr:.3e}\t"
-                f"time {time_meter.value:.4f} ({time_meter.global_avg:.4f})\t"
-                f"loss {loss_meter.value:.4f} ({loss_meter.global_avg:.4f})\t"
-                f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
-                f"{memory_note(env.device)}" + (f"\tskipped steps {skipped}" if scaler.is_enabled() else "")
-            )
+            report(step)
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     if skipped:
         logger.warning(f"EPOCH {epoch}: the grad scaler skipped {skipped} of {steps} steps (inf/NaN gradients)")
@@ -285,22 +321,21 @@ def validate(
     """Top-1, top-5 (%) and mean cross-entropy over the whole validation set, from counts summed over processes."""
     model.eval()
     k = min(5, num_classes)
-    correct1 = correct5 = loss_sum = count = 0.0
+    # correct@1, correct@k and the loss sum stay on the device, read once at the end (no per-batch host sync).
+    totals, count = torch.zeros(3, dtype=torch.float64, device=env.device), 0
     for idx, (images, targets) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         with precision.autocast(env.device):
             outputs = model(images)
         outputs = outputs.float()
-        loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
-        top = outputs.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        correct1 += hits[:, :1].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
+        hits = outputs.topk(k, dim=1).indices.eq(targets[:, None])
+        loss_sum = F.cross_entropy(outputs, targets, reduction="sum")
+        totals += torch.stack([hits[:, :1].sum(), hits.any(dim=1).sum(), loss_sum]).to(torch.float64)
         count += targets.size(0)
         if (idx + 1) % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx + 1}/{len(loader)}]")
-    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], env.device)
+    correct1, correct5, loss_sum, count = all_reduce_sum([*totals.tolist(), count], env.device)
     if count == 0:
         raise DataError("The validation set is empty; put images under <data-path>/val/<class>/.")
     acc1, acc5, loss = 100.0 * correct1 / count, 100.0 * correct5 / count, loss_sum / count

@@ -68,9 +68,9 @@ def run_summary(
         split = f"{i.num_train} train, {i.num_val} val images" if i.num_train is not None else f"{i.num_val} val images"
         zipped = " (zip)" if config.DATA.ZIP_MODE else ""
         lines.append(f"Data: {config.DATA.DATASET} {i.root}{zipped} | {i.num_classes} classes | {split}")
-    scaler = " with GradScaler" if precision.use_scaler else ""
+        lines.append(f"Loader: {config.DATA.PIPELINE} pipeline | {data.num_workers} worker(s) per process")
     lines.append(
-        f"Precision: {precision.name}{scaler} | batch {batch} per process x {env.world_size} process(es) x {accum} "
+        f"Precision: {precision.describe()} | batch {batch} per process x {env.world_size} process(es) x {accum} "
         f"accumulation step(s) = {batch * env.world_size * accum}"
     )
     if lrs is not None:
@@ -91,7 +91,7 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     if env.is_main:
         with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-    data = build_loader(config) if not config.THROUGHPUT_MODE or config.DATA.DATA_PATH else None
+    data = build_loader(config, env.device) if not config.THROUGHPUT_MODE or config.DATA.DATA_PATH else None
     num_classes = data.info.num_classes if data is not None else config.MODEL.NUM_CLASSES
     bare = build_model(config, num_classes)
     complexity = complexity_summary(bare, config.DATA.IMG_SIZE, config.MODEL.DFVT.IN_CHANS)

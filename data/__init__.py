@@ -1,24 +1,31 @@
 """Datasets, transforms and distributed loaders: ImageNet folders, zip archives and the built-in digits demo."""
 
-from .build import Data, DataInfo, build_loader, dist_rank_world
+from .build import Data, DataInfo, build_loader, dist_rank_world, resolve_num_workers
+from .device import DeviceLoader
 from .digits import prepare_digits
-from .images import decode_rgb_image, load_rgb_image
+from .images import EncodedImage, decode_rgb_image, decode_uint8, load_rgb_image, read_encoded
 from .samplers import ShardedEvalSampler, ShardRandomSampler
-from .transforms import build_mixup, build_transform
+from .transforms import build_mixup, build_transform, build_uint8_transform
 from .zip_dataset import ZipImageDataset, parse_map_file
 
 __all__ = [
     "Data",
     "DataInfo",
+    "DeviceLoader",
+    "EncodedImage",
     "ShardRandomSampler",
     "ShardedEvalSampler",
     "ZipImageDataset",
     "build_loader",
     "build_mixup",
     "build_transform",
+    "build_uint8_transform",
     "decode_rgb_image",
+    "decode_uint8",
     "dist_rank_world",
     "load_rgb_image",
     "parse_map_file",
     "prepare_digits",
+    "read_encoded",
+    "resolve_num_workers",
 ]

@@ -3,21 +3,26 @@ what the data decides (class count and names) as a :class:`DataInfo`; the config
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
 from errors import ConfigError, DataError
 
+from .device import DeviceLoader
 from .digits import prepare_digits
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
+from .images import EncodedImage, decode_rgb_image, load_rgb_image, read_encoded
 from .samplers import ShardedEvalSampler, ShardRandomSampler
-from .transforms import build_mixup, build_transform
+from .transforms import build_mixup, build_transform, build_uint8_transform
 from .zip_dataset import CACHE_MODES, ZipImageDataset, parse_map_file
 
 DATASETS = ("imagenet", "folder", "digits")
@@ -44,12 +49,14 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class Data:
-    """The loaders of one process: ``train`` and ``mixup_fn`` are None in ``EVAL_MODE``."""
+    """The loaders of one process, yielding model-ready batches on its device; ``train`` and ``mixup_fn`` are None
+    in ``EVAL_MODE``; ``num_workers`` is the loader worker count ``DATA.NUM_WORKERS`` resolved to."""
 
     info: DataInfo
-    train: DataLoader | None
-    val: DataLoader
+    train: DeviceLoader | None
+    val: DeviceLoader
     mixup_fn: Mixup | None
+    num_workers: int = 0
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -68,6 +75,29 @@ def _check_config(config: CfgNode) -> None:
         raise ConfigError("DATA.DATASET digits is written as folders; turn DATA.ZIP_MODE off (drop --zip).")
     if config.DATA.BATCH_SIZE < 1:
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be positive.")
+    resolve_num_workers(config.DATA.NUM_WORKERS)
+
+
+def resolve_num_workers(value: str | int, local_processes: int | None = None, cores: int | None = None) -> int:
+    """``DATA.NUM_WORKERS`` as a number: ``auto`` is this machine's usable cores shared among its local processes
+    (``LOCAL_WORLD_SIZE``, set by torchrun), minus one each for the process itself; at least 0."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        if local_processes is None:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0, cores // max(1, local_processes) - 1)
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"DATA.NUM_WORKERS {value!r} must be 'auto' or a number of worker processes (0 or more).")
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed NumPy in each loader worker from the worker's torch seed (which the DataLoader derives from the main
+    process's generator): without it every worker starts from a copy of the parent's NumPy state, and timm's
+    RandAugment, which picks its ops with NumPy, would repeat the same op sequence in every worker."""
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def _data_root(config: CfgNode) -> Path:
@@ -107,8 +137,11 @@ def _build_datasets(
     config: CfgNode, root: Path, train: bool, rank: int, world: int
 ) -> tuple[Dataset | None, Dataset, int, tuple[str, ...] | None]:
     """Check the data under ``root``, then build the (train, val) datasets; also the class count and names."""
-    tf_train = build_transform(True, config) if train else None
-    tf_val = build_transform(False, config)
+    fast = config.DATA.PIPELINE == "fast"
+    make_transform = build_uint8_transform if fast else build_transform
+    tf_train = make_transform(True, config) if train else None
+    tf_val = make_transform(False, config)
+    decode, load = (EncodedImage, read_encoded) if fast else (decode_rgb_image, load_rgb_image)
     if config.DATA.ZIP_MODE:
         val_files = _zip_files(root, "val")
         train_files = _zip_files(root, "train") if train else None
@@ -118,15 +151,19 @@ def _build_datasets(
         num_classes = max(label for _, label in val_samples + train_samples) + 1
         _check_num_classes(config, num_classes, root)
         mode = config.DATA.CACHE_MODE
-        ds_val = ZipImageDataset(*val_files, tf_val, mode, rank, world, samples=val_samples)
-        ds_train = ZipImageDataset(*train_files, tf_train, mode, rank, world, samples=train_samples) if train else None
+        ds_val = ZipImageDataset(*val_files, tf_val, mode, rank, world, samples=val_samples, decode=decode)
+        ds_train = (
+            ZipImageDataset(*train_files, tf_train, mode, rank, world, samples=train_samples, decode=decode)
+            if train
+            else None
+        )
         return ds_train, ds_val, num_classes, None
     val_classes = check_split_folder(root, "val")
     if train:
         check_same_classes(root, check_split_folder(root, "train"), val_classes)
     _check_num_classes(config, len(val_classes), root)
-    ds_train = build_image_folder(root, "train", tf_train) if train else None
-    return ds_train, build_image_folder(root, "val", tf_val), len(val_classes), tuple(val_classes)
+    ds_train = build_image_folder(root, "train", tf_train, load) if train else None
+    return ds_train, build_image_folder(root, "val", tf_val, load), len(val_classes), tuple(val_classes)
 
 
 def _train_sampler(config: CfgNode, dataset: Dataset, root: Path, rank: int, world: int) -> Sampler[int]:
@@ -145,11 +182,12 @@ def _train_sampler(config: CfgNode, dataset: Dataset, root: Path, rank: int, wor
     return sampler
 
 
-def build_loader(config: CfgNode) -> Data:
+def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
     """This process's loaders and Mixup, and what the data decided (:class:`DataInfo`).
 
-    In ``EVAL_MODE`` the training loader and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before
-    anything is loaded.
+    The loaders yield normalised float batches on ``device`` (:class:`DeviceLoader`); with ``DATA.PIPELINE fast``
+    the workers send uint8 batches, normalised and randomly erased on ``device``. In ``EVAL_MODE`` the training
+    loader and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before anything is loaded.
     """
     _check_config(config)
     rank, world = dist_rank_world()
@@ -158,18 +196,29 @@ def build_loader(config: CfgNode) -> Data:
     ds_train, ds_val, num_classes, class_names = _build_datasets(config, root, train, rank, world)
     info = DataInfo(root, num_classes, class_names, len(ds_train) if ds_train is not None else None, len(ds_val))
 
-    workers = config.DATA.NUM_WORKERS
+    device = torch.device(device)
+    workers = resolve_num_workers(config.DATA.NUM_WORKERS)
     common = {
         "batch_size": config.DATA.BATCH_SIZE,
         "num_workers": workers,
-        "pin_memory": bool(config.DATA.PIN_MEMORY and torch.cuda.is_available()),
+        "pin_memory": bool(config.DATA.PIN_MEMORY and device.type == "cuda"),
         # Fresh workers each epoch draw their seeds from the main RNG, which a checkpoint restores: exact resume.
         "persistent_workers": False,
+        "worker_init_fn": seed_worker,
     }
+    if workers > 0:
+        common["prefetch_factor"] = 4 if config.DATA.PIPELINE == "fast" else 2
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     loader_train = None
     if ds_train is not None:
         sampler = _train_sampler(config, ds_train, root, rank, world)
-        loader_train = DataLoader(ds_train, sampler=sampler, drop_last=True, **common)
-    loader_val = DataLoader(ds_val, sampler=ShardedEvalSampler(len(ds_val), rank, world), drop_last=False, **common)
+        erasing = None
+        if config.DATA.PIPELINE == "fast" and config.AUG.REPROB > 0:
+            a = config.AUG
+            erasing = RandomErasing(a.REPROB, mode=a.REMODE, max_count=a.RECOUNT, device=device)
+        loader = DataLoader(ds_train, sampler=sampler, drop_last=True, **common)
+        loader_train = DeviceLoader(loader, device, mean, std, erasing)
+    val_sampler = ShardedEvalSampler(len(ds_val), rank, world)
+    loader_val = DeviceLoader(DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common), device, mean, std)
     mixup_fn = build_mixup(config, num_classes) if train else None
-    return Data(info, loader_train, loader_val, mixup_fn)
+    return Data(info, loader_train, loader_val, mixup_fn, workers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -63,6 +64,9 @@ def check_same_classes(root: Path, train: list[str], val: list[str]) -> None:
     )
 
 
-def build_image_folder(root: Path, split: str, transform: Callable | None) -> ImageFolder:
-    """``ImageFolder`` over ``root/split`` (run :func:`check_split_folder` first) loading images as RGB."""
-    return ImageFolder(str(root / split), transform=transform, loader=load_rgb_image)
+def build_image_folder(
+    root: Path, split: str, transform: Callable | None, loader: Callable[[str], Any] = load_rgb_image
+) -> ImageFolder:
+    """``ImageFolder`` over ``root/split`` (run :func:`check_split_folder` first); ``loader`` reads one file (PIL RGB
+    by default; ``images.read_encoded`` for the fast pipeline)."""
+    return ImageFolder(str(root / split), transform=transform, loader=loader)

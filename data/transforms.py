@@ -1,17 +1,36 @@
-"""Training transforms (timm ``create_transform``), evaluation transforms and Mixup/CutMix from the config."""
+"""The recipe's image transforms, in two pipelines, and Mixup/CutMix.
+
+- upstream (``build_transform``): PIL image -> normalised float tensor: timm's ``create_transform`` for training,
+  resize + centre crop for evaluation; random erasing in the transform. The released recipe, bit for bit.
+- fast (``build_uint8_transform``): encoded file -> ``uint8`` ``3×H×W`` tensor: JPEGs decoded by torchvision, the
+  crop box drawn by timm's own ``RandomResizedCropAndInterpolation.get_params`` (same draws), crop and resize by
+  torch's vectorised uint8 resize, then timm's flip and RandAugment objects. Normalisation and random erasing run
+  later on the device, on the batch (:class:`data.device.DeviceLoader`).
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import AugmentOp, AugMixAugment, AutoAugment, RandAugment
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode
 
 from errors import ConfigError
+
+from .images import EncodedImage, decode_uint8, image_size
+
+PIPELINES = ("fast", "upstream")
+# RandAugment's resampling ops; the fast pipeline resamples them bilinearly (see build_uint8_transform).
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
 
 # Evaluation has no random interpolation; like upstream, "random" evaluates with bilinear.
 EVAL_INTERPOLATION = {
@@ -32,6 +51,8 @@ def _check(config: CfgNode) -> None:
         raise ConfigError(f"AUG.SCALE {scale} must be (min, max) area fractions with 0 < min <= max <= 1.")
     if not 0 <= config.AUG.HFLIP <= 1:
         raise ConfigError(f"AUG.HFLIP {config.AUG.HFLIP} must be a probability in [0, 1].")
+    if config.DATA.PIPELINE not in PIPELINES:
+        raise ConfigError(f"DATA.PIPELINE {config.DATA.PIPELINE!r} must be one of {', '.join(PIPELINES)}.")
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -57,36 +78,124 @@ def augment_ops(transform: Callable) -> Iterator[AugmentOp]:
             yield from (op for sub_policy in t.policy for op in sub_policy)
 
 
-def build_transform(is_train: bool, config: CfgNode) -> Callable:
-    """The image transform of the training (``is_train``) or evaluation split: PIL RGB image -> normalised tensor."""
-    _check(config)
-    size, interp = config.DATA.IMG_SIZE, config.DATA.INTERPOLATION
-    if is_train:
-        aa = config.AUG.AUTO_AUGMENT
-        transform = create_transform(
-            input_size=size,
-            is_training=True,
-            scale=tuple(config.AUG.SCALE),
-            hflip=config.AUG.HFLIP,
-            color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=aa if aa and aa.lower() != "none" else None,
-            re_prob=config.AUG.REPROB,
-            re_mode=config.AUG.REMODE,
-            re_count=config.AUG.RECOUNT,
-            interpolation=interp,
-        )
-        for op in augment_ops(transform):
-            if op.name.startswith("Posterize"):
-                op.aug_fn = posterize
-        return transform
-    mode = EVAL_INTERPOLATION[interp]
-    if config.TEST.CROP:
-        resize = [transforms.Resize(int(size / EVAL_CROP_PCT), interpolation=mode), transforms.CenterCrop(size)]
-    else:
-        resize = [transforms.Resize((size, size), interpolation=mode)]
-    return transforms.Compose(
-        [*resize, transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+def _timm_train_transform(config: CfgNode, separate: bool):
+    """timm's ``create_transform`` with the recipe of ``config`` (``separate``: as its three stages)."""
+    aa = config.AUG.AUTO_AUGMENT
+    transform = create_transform(
+        input_size=config.DATA.IMG_SIZE,
+        is_training=True,
+        scale=tuple(config.AUG.SCALE),
+        hflip=config.AUG.HFLIP,
+        color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+        auto_augment=aa if aa and aa.lower() != "none" else None,
+        re_prob=config.AUG.REPROB,
+        re_mode=config.AUG.REMODE,
+        re_count=config.AUG.RECOUNT,
+        interpolation=config.DATA.INTERPOLATION,
+        separate=separate,
     )
+    for op in augment_ops(transform[1] if separate else transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return transform
+
+
+def _eval_resize(config: CfgNode) -> list[Callable]:
+    """Resize (+ centre crop) of the evaluation split; the same objects serve PIL images and uint8 tensors."""
+    size, mode = config.DATA.IMG_SIZE, EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
+    if config.TEST.CROP:
+        return [transforms.Resize(int(size / EVAL_CROP_PCT), interpolation=mode), transforms.CenterCrop(size)]
+    return [transforms.Resize((size, size), interpolation=mode)]
+
+
+def build_transform(is_train: bool, config: CfgNode) -> Callable:
+    """The upstream transform of the training (``is_train``) or evaluation split: PIL RGB image -> normalised
+    float tensor (random erasing included for training)."""
+    _check(config)
+    if is_train:
+        return _timm_train_transform(config, separate=False)
+    return transforms.Compose(
+        [*_eval_resize(config), transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    )
+
+
+class DecodeResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` on an encoded image, giving a uint8 tensor.
+
+    The box comes from timm's ``get_params`` on the header's size, and the interpolation (when it is a choice) from
+    ``random.choice``, in timm's order, so a seeded run draws timm's boxes. The crop is resized by torch's uint8
+    antialiased resize (4.7x faster than PIL's bicubic here; within 2 levels of PIL's, on 0.3 % of pixels).
+    """
+
+    def __init__(self, rrc: RandomResizedCropAndInterpolation) -> None:
+        self.size, self.scale, self.ratio, self.interpolation = list(rrc.size), rrc.scale, rrc.ratio, rrc.interpolation
+
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
+        width, height = image_size(image)
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(
+            torch.empty(0, height, width), self.scale, self.ratio
+        )
+        mode = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) else self.interpolation
+        pixels = decode_uint8(image)[:, top : top + h, left : left + w]
+        return TF.resize(pixels, self.size, interpolation=mode, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class Uint8TrainTransform:
+    """Encoded image -> augmented uint8 ``3×H×W`` tensor: :class:`DecodeResizedCrop`, timm's flips (on the tensor),
+    then timm's PIL augmentations (RandAugment or colour jitter) on the ``H×W`` crop."""
+
+    def __init__(self, crop: DecodeResizedCrop, flips: list[Callable], pil_ops: Callable | None) -> None:
+        self.crop, self.flips, self.pil_ops = crop, flips, pil_ops
+
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
+        x = self.crop(image)
+        for flip in self.flips:
+            x = flip(x)
+        if self.pil_ops is not None:
+            augmented = self.pil_ops(Image.fromarray(x.permute(1, 2, 0).numpy()))
+            x = torch.from_numpy(np.array(augmented)).permute(2, 0, 1)
+        return x.contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop}, {self.flips}, {self.pil_ops})"
+
+
+class Uint8EvalTransform:
+    """Encoded image -> uint8 ``3×H×W`` tensor: decode, then the upstream resize (+ centre crop) on the tensor."""
+
+    def __init__(self, resize: list[Callable]) -> None:
+        self.resize = transforms.Compose(resize)
+
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
+        return self.resize(decode_uint8(image)).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.resize})"
+
+
+def build_uint8_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage], torch.Tensor]:
+    """The fast pipeline's transform: encoded image -> uint8 tensor, without normalisation and random erasing
+    (the device does both on the batch).
+
+    Training keeps timm's recipe objects (flip, RandAugment with the posterize fix, or colour jitter) and its crop
+    draws; RandAugment's rotate/shear/translate resample bilinearly (2x cheaper than bicubic in Pillow: about 0.3 ms
+    an image), one of the two filters timm's policy draws from when no interpolation is pinned.
+    """
+    _check(config)
+    if not is_train:
+        return Uint8EvalTransform(_eval_resize(config))
+    primary, secondary, _ = _timm_train_transform(config, separate=True)
+    crop, *flips = primary.transforms
+    if not isinstance(crop, RandomResizedCropAndInterpolation):
+        raise ConfigError(f"the fast pipeline expects timm's random resized crop first, got {crop}")
+    for op in augment_ops(secondary):
+        if op.name in GEOMETRIC_OPS:
+            op.kwargs["resample"] = Image.BILINEAR
+    pil_ops = secondary if secondary.transforms else None
+    return Uint8TrainTransform(DecodeResizedCrop(crop), flips, pil_ops)
 
 
 def build_mixup(config: CfgNode, num_classes: int) -> Mixup | None:

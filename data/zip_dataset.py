@@ -54,7 +54,9 @@ class ZipImageDataset(Dataset):
     ``cache_mode``: ``no`` reads from the zip on each access; ``full`` reads every member's bytes up front;
     ``part`` reads only this process's shard (indices ``i % world_size == rank``). Uncached items are read
     lazily. The zip handle is opened on first use in each process, never pickled or shared across a fork.
-    ``samples`` (the parsed map, from :func:`parse_map_file`) saves parsing the map again.
+    ``samples`` (the parsed map, from :func:`parse_map_file`) saves parsing the map again. ``decode(bytes, source)``
+    turns a member's bytes into the transform's input (PIL RGB by default; ``images.EncodedImage`` for the fast
+    pipeline).
     """
 
     def __init__(
@@ -66,11 +68,12 @@ class ZipImageDataset(Dataset):
         rank: int = 0,
         world_size: int = 1,
         samples: list[tuple[str, int]] | None = None,
+        decode: Callable[[bytes, str], Any] = decode_rgb_image,
     ) -> None:
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode {cache_mode!r} must be one of {CACHE_MODES}")
         self.zip_path, self.map_path = Path(zip_path), Path(map_path)
-        self.transform, self.cache_mode = transform, cache_mode
+        self.transform, self.cache_mode, self.decode = transform, cache_mode, decode
         if not self.zip_path.is_file():
             raise DataError(f"zip file {self.zip_path} does not exist; zip mode reads the images from it.")
         self.samples = parse_map_file(self.map_path) if samples is None else samples
@@ -153,7 +156,7 @@ class ZipImageDataset(Dataset):
             data = self._buffer[self._offsets[slot] : self._offsets[slot + 1]].tobytes()
         else:
             data = self._read_member(self._zipfile(), member)
-        image = decode_rgb_image(data, f"{member} in {self.zip_path}")
+        image = self.decode(data, f"{member} in {self.zip_path}")
         if self.transform is not None:
             image = self.transform(image)
         return image, label

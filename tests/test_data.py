@@ -66,8 +66,8 @@ def test_folder_loaders_yield_batches(image_folder):
     assert data.info == DataInfo(image_folder, 3, ("a", "b", "c"), 12, 9)
     assert config == cfg(image_folder) and config.MODEL.NUM_CLASSES == 1000  # the data never rewrites the config
     assert (len(ds_train), len(ds_val)) == (12, 9)
-    assert isinstance(loader_train.sampler, DistributedSampler) and loader_train.drop_last
-    assert isinstance(loader_val.sampler, ShardedEvalSampler) and not loader_val.drop_last
+    assert isinstance(loader_train.sampler, DistributedSampler) and loader_train.loader.drop_last
+    assert isinstance(loader_val.sampler, ShardedEvalSampler) and not loader_val.loader.drop_last
     loader_train.sampler.set_epoch(1)
     check_batches(loader_train, 3, 3)
     check_batches(loader_val, 3, 3, total=9)

@@ -14,7 +14,7 @@ from torch import nn
 
 from config import load_config
 from engine import Precision, RunState, build_criterion, choose_precision, train_one_epoch
-from errors import NonFiniteLossError
+from errors import ConfigError, NonFiniteLossError
 from lr_scheduler import build_scheduler
 from utils import DistEnv
 
@@ -84,13 +84,30 @@ def test_gradient_clipping_bounds_the_applied_update():
     assert delta.norm().item() == pytest.approx(0.01, rel=1e-4)
 
 
+def _precision(device, *opts, cuda_bf16=None):
+    p = choose_precision(load_config(None, list(opts)), torch.device(device), cuda_bf16=cuda_bf16)
+    return p.dtype, p.use_scaler
+
+
 def test_precision_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O0"]), cpu) == Precision(None, False)
-    assert choose_precision(load_config(None, ["AMP_ENABLE", "False"]), cuda) == Precision(None, False)
-    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O1"]), cuda) == Precision(torch.float16, True)
-    assert choose_precision(load_config(None, ["AMP_OPT_LEVEL", "O2"]), cpu) == Precision(torch.bfloat16, False)
+    fp16_scaled, bf16 = (torch.float16, True), (torch.bfloat16, False)
+    assert _precision("cpu", "AMP_OPT_LEVEL", "O0") == (None, False)
+    assert _precision("cuda", "AMP_ENABLE", "False") == (None, False)
+    # auto: bf16 without a scaler where the GPU has it (Ampere+) and on the CPU; fp16 + scaler on older GPUs.
+    assert _precision("cuda", "AMP_OPT_LEVEL", "O1", cuda_bf16=True) == bf16
+    assert _precision("cuda", "AMP_OPT_LEVEL", "O1", cuda_bf16=False) == fp16_scaled
+    assert _precision("cpu", "AMP_OPT_LEVEL", "O2") == bf16
+    # Forced: float16 always with a scaler (the CPU too), bfloat16 never.
+    assert _precision("cuda", "AMP_DTYPE", "float16", cuda_bf16=True) == fp16_scaled
+    assert _precision("cpu", "AMP_DTYPE", "float16") == fp16_scaled
+    assert _precision("cuda", "AMP_DTYPE", "bfloat16", cuda_bf16=False) == bf16
+    assert _precision("cuda", "AMP_DTYPE", "bfloat16", "AMP_OPT_LEVEL", "O0") == (None, False)
+    with pytest.raises(ConfigError, match="AMP_DTYPE 'half' must be auto, bfloat16 or float16"):
+        _precision("cpu", "AMP_DTYPE", "half")
     assert Precision(torch.float16, True).name == "float16" and Precision(None, False).name == "fp32"
+    auto_gpu = choose_precision(load_config(), torch.device("cuda"), cuda_bf16=True).describe()
+    assert auto_gpu == "bfloat16 autocast (AMP_DTYPE auto: the GPU supports bfloat16)"
+    assert "float16 autocast with GradScaler" in choose_precision(load_config(None, ["AMP_DTYPE", "float16"]), torch.device("cpu")).describe()
 
 
 def test_criterion_follows_mixup_and_smoothing():

@@ -1,0 +1,92 @@
+"""The device end of the loaders: batches moved to the device, uint8 batches normalised (and randomly erased) there,
+and on CUDA the next batch prepared on a side stream while the model works on the current one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader
+
+
+class DeviceLoader:
+    """Iterate ``loader`` and yield model-ready ``(images, targets)`` on ``device``.
+
+    uint8 image batches become ``(x / 255 - mean) / std`` in float32 — the operations of torchvision's ``ToTensor`` +
+    ``Normalize`` in their order, so the same pixels give bit-identical inputs — then ``erasing`` (timm's
+    ``RandomErasing``, per sample) runs on them. Float batches (the upstream pipeline, already normalised and erased
+    in the workers) are only moved.
+
+    On CUDA, batch ``i + 1`` is copied (from pinned memory, ``non_blocking``) and normalised on a side stream while
+    the caller's stream computes on batch ``i``; the streams wait on each other, as timm's ``PrefetchLoader`` does.
+    timm's class is not used because it always normalises (float batches too) and divides by ``255 × std`` in one
+    step, which differs from the float pipeline in the last bit.
+
+    The random draws (erasing) happen in this process in batch order, whatever the prefetching, so a run restored
+    from its generator states at an epoch boundary repeats them exactly.
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        erasing: RandomErasing | None = None,
+    ) -> None:
+        self.loader, self.device, self.erasing = loader, torch.device(device), erasing
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self._stream = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    def prepare(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One host batch -> the model's input on the device."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255).sub_(self.mean).div_(self.std)
+            if self.erasing is not None:
+                images = self.erasing(images)
+        return images, targets
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type != "cuda":
+            for images, targets in self.loader:
+                yield self.prepare(images, targets)
+            return
+        if self._stream is None:  # one stream for the loader's life: the allocator caches blocks per stream
+            self._stream = torch.cuda.Stream(device=self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        pending = None
+        for images, targets in self.loader:
+            # Memory the consumer freed may be reused below: let its queued work finish before writing into it.
+            self._stream.wait_stream(consumer)
+            with torch.cuda.stream(self._stream):
+                ready = self.prepare(images, targets)
+            if pending is not None:
+                yield pending
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_stream(self._stream)
+            pending = ready
+        if pending is not None:
+            yield pending
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, erasing={self.erasing is not None}, {len(self)} batches)"
+
