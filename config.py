@@ -161,9 +161,9 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
 def _merge_opts(config: CN, opts: list[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {opts}.")
-    opts = [repr(str(v)) if i % 2 and opts[i - 1] in NUMBER_OR_AUTO else v for i, v in enumerate(opts)]
+    quoted = [repr(str(v)) if i % 2 and opts[i - 1] in NUMBER_OR_AUTO else v for i, v in enumerate(opts)]
     try:
-        config.merge_from_list(opts)
+        config.merge_from_list(quoted)
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"--opts {' '.join(opts)}: {e}. Check the key names against config.py.") from e
 

@@ -48,7 +48,8 @@ class Precision:
 
     def describe(self) -> str:
         """For the run summary, e.g. ``bfloat16 autocast (AMP_DTYPE auto: the GPU supports bfloat16)``."""
-        what = "fp32" if self.dtype is None else f"{self.name} autocast" + (" with GradScaler" if self.use_scaler else "")
+        what = "fp32" if self.dtype is None else f"{self.name} autocast"
+        what += " with GradScaler" if self.use_scaler else ""
         return f"{what} ({self.reason})" if self.reason else what
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -244,7 +245,7 @@ def train_one_epoch(
     def report(step: int) -> None:
         nonlocal skipped
         values = torch.stack([figures for *_, figures in pending]).tolist()
-        for (at, n, lr, _), (loss_value, grad_norm) in zip(pending, values):
+        for (at, n, lr, _), (loss_value, grad_norm) in zip(pending, values, strict=True):
             if not math.isfinite(loss_value) and not scaler.is_enabled():
                 raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {at}/{steps}")
             if scaler.is_enabled() and not math.isfinite(grad_norm):

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
@@ -17,7 +16,7 @@ from yacs.config import CfgNode
 
 from errors import ConfigError, DataError
 
-from .device import DeviceLoader
+from .device import DeviceLoader, collate_uint8
 from .digits import prepare_digits
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
 from .images import EncodedImage, decode_rgb_image, load_rgb_image, read_encoded
@@ -91,13 +90,6 @@ def resolve_num_workers(value: str | int, local_processes: int | None = None, co
     if text.isdigit():
         return int(text)
     raise ConfigError(f"DATA.NUM_WORKERS {value!r} must be 'auto' or a number of worker processes (0 or more).")
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed NumPy in each loader worker from the worker's torch seed (which the DataLoader derives from the main
-    process's generator): without it every worker starts from a copy of the parent's NumPy state, and timm's
-    RandAugment, which picks its ops with NumPy, would repeat the same op sequence in every worker."""
-    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def _data_root(config: CfgNode) -> Path:
@@ -204,10 +196,9 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
         "pin_memory": bool(config.DATA.PIN_MEMORY and device.type == "cuda"),
         # Fresh workers each epoch draw their seeds from the main RNG, which a checkpoint restores: exact resume.
         "persistent_workers": False,
-        "worker_init_fn": seed_worker,
     }
-    if workers > 0:
-        common["prefetch_factor"] = 4 if config.DATA.PIPELINE == "fast" else 2
+    if config.DATA.PIPELINE == "fast":
+        common["collate_fn"] = collate_uint8
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     loader_train = None
     if ds_train is not None:

@@ -1,5 +1,6 @@
-"""The device end of the loaders: batches moved to the device, uint8 batches normalised (and randomly erased) there,
-and on CUDA the next batch prepared on a side stream while the model works on the current one."""
+"""Between the workers and the model: uint8 images collated into one channels-last batch (in shared memory inside a
+worker), then moved to the device, normalised (and randomly erased) there; on CUDA the next batch is prepared on a
+side stream while the model works on the current one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,31 @@ from collections.abc import Iterator
 
 import torch
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
+
+from errors import DataError
+
+
+def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(uint8 3×H×W image, label), ...]`` -> ``(uint8 N×3×H×W batch in channels-last memory, int64 labels)``.
+
+    Channels-last is the layout decoders and PIL produce and the model's fast path computes in, so no image is
+    transposed on its way. Inside a loader worker the batch is allocated in shared memory, as the default collate
+    does, so it reaches the main process without another copy.
+    """
+    images, labels = zip(*batch, strict=True)
+    c, h, w = images[0].shape
+    for image in images:
+        if image.shape != (c, h, w):
+            raise DataError(f"images of one batch differ in size ({tuple(image.shape)} vs {(c, h, w)})")
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(len(images) * h * w * c)
+        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (len(images), h, w, c))
+    else:
+        out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
+    for slot, image in zip(out, images, strict=True):
+        slot.copy_(image.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64)
 
 
 class DeviceLoader:
@@ -89,4 +114,3 @@ class DeviceLoader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, erasing={self.erasing is not None}, {len(self)} batches)"
-

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -100,12 +101,15 @@ def _timm_train_transform(config: CfgNode, separate: bool):
     return transform
 
 
-def _eval_resize(config: CfgNode) -> list[Callable]:
-    """Resize (+ centre crop) of the evaluation split; the same objects serve PIL images and uint8 tensors."""
+def _eval_resize(config: CfgNode, tensors: bool = False) -> list[Callable]:
+    """Resize (+ centre crop) of the evaluation split, for PIL images or (``tensors``) uint8 tensors. Both use
+    torchvision's output-size and crop arithmetic; the tensor versions are ``transforms.v2``, whose uint8 resize
+    is 7x faster here than ``transforms.Resize`` on a tensor (which resizes in float)."""
     size, mode = config.DATA.IMG_SIZE, EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
+    t = T2 if tensors else transforms
     if config.TEST.CROP:
-        return [transforms.Resize(int(size / EVAL_CROP_PCT), interpolation=mode), transforms.CenterCrop(size)]
-    return [transforms.Resize((size, size), interpolation=mode)]
+        return [t.Resize(int(size / EVAL_CROP_PCT), interpolation=mode), t.CenterCrop(size)]
+    return [t.Resize((size, size), interpolation=mode)]
 
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
@@ -114,9 +118,8 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     _check(config)
     if is_train:
         return _timm_train_transform(config, separate=False)
-    return transforms.Compose(
-        [*_eval_resize(config), transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    )
+    normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return transforms.Compose([*_eval_resize(config), transforms.ToTensor(), normalize])
 
 
 class DecodeResizedCrop:
@@ -130,14 +133,21 @@ class DecodeResizedCrop:
     def __init__(self, rrc: RandomResizedCropAndInterpolation) -> None:
         self.size, self.scale, self.ratio, self.interpolation = list(rrc.size), rrc.scale, rrc.ratio, rrc.interpolation
 
-    def __call__(self, image: EncodedImage) -> torch.Tensor:
+    def params(self, image: EncodedImage) -> tuple[tuple[int, int, int, int], InterpolationMode]:
+        """The crop box ``(top, left, height, width)`` and interpolation for ``image``, drawn as timm draws them."""
         width, height = image_size(image)
-        top, left, h, w = RandomResizedCropAndInterpolation.get_params(
-            torch.empty(0, height, width), self.scale, self.ratio
-        )
-        mode = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) else self.interpolation
-        pixels = decode_uint8(image)[:, top : top + h, left : left + w]
-        return TF.resize(pixels, self.size, interpolation=mode, antialias=True)
+        box = RandomResizedCropAndInterpolation.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+        mode = self.interpolation
+        if isinstance(mode, (tuple, list)):
+            mode = random.choice(mode)
+        return box, mode
+
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
+        (top, left, h, w), mode = self.params(image)
+        pixels = decode_uint8(image)[None, :, top : top + h, left : left + w]
+        # Channels-last in and out: torch's uint8 resize works on interleaved pixels, and PIL takes them uncopied.
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return TF.resize(pixels, self.size, interpolation=mode, antialias=True)[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
@@ -155,9 +165,9 @@ class Uint8TrainTransform:
         for flip in self.flips:
             x = flip(x)
         if self.pil_ops is not None:
-            augmented = self.pil_ops(Image.fromarray(x.permute(1, 2, 0).numpy()))
+            augmented = self.pil_ops(Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()))
             x = torch.from_numpy(np.array(augmented)).permute(2, 0, 1)
-        return x.contiguous()
+        return x  # 3×H×W with interleaved (channels-last) memory; collate_uint8 batches it without transposing
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.crop}, {self.flips}, {self.pil_ops})"
@@ -167,10 +177,10 @@ class Uint8EvalTransform:
     """Encoded image -> uint8 ``3×H×W`` tensor: decode, then the upstream resize (+ centre crop) on the tensor."""
 
     def __init__(self, resize: list[Callable]) -> None:
-        self.resize = transforms.Compose(resize)
+        self.resize = T2.Compose(resize)
 
     def __call__(self, image: EncodedImage) -> torch.Tensor:
-        return self.resize(decode_uint8(image)).contiguous()
+        return self.resize(decode_uint8(image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.resize})"
@@ -186,7 +196,7 @@ def build_uint8_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedI
     """
     _check(config)
     if not is_train:
-        return Uint8EvalTransform(_eval_resize(config))
+        return Uint8EvalTransform(_eval_resize(config, tensors=True))
     primary, secondary, _ = _timm_train_transform(config, separate=True)
     crop, *flips = primary.transforms
     if not isinstance(crop, RandomResizedCropAndInterpolation):

@@ -43,7 +43,8 @@ def test_training_run_summary_and_log(trained):
     assert re.search(r"Model: dfvt_tiny \| params 3,\d{3},\d{3} \| analytic GFLOPs .* measured GFLOPs", log)
     assert re.search(r"Data: folder \S+ \| 3 classes \| 12 train, 9 val images", log)
     assert "Loader: fast pipeline | 0 worker(s) per process" in log
-    assert "Precision: fp32 (AMP_OPT_LEVEL O0) | batch 4 per process x 1 process(es) x 1 accumulation step(s) = 4" in log
+    precision = "Precision: fp32 (AMP_OPT_LEVEL O0) | batch 4 per process x 1 process(es) x 1 accumulation step(s) = 4"
+    assert precision in log
     # The LRs of the recipe scaled by 4 / 512, as values in the log (the config keeps the configured ones).
     assert "LR: peak 3.906e-06, warm-up start 3.906e-09, final 3.906e-08 (configured 0.0005, 5e-07, 5e-06" in log
     assert "Full config" not in log and "BASE:" not in log  # the full config is in config.json, not the log

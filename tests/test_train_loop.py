@@ -107,7 +107,8 @@ def test_precision_choice():
     assert Precision(torch.float16, True).name == "float16" and Precision(None, False).name == "fp32"
     auto_gpu = choose_precision(load_config(), torch.device("cuda"), cuda_bf16=True).describe()
     assert auto_gpu == "bfloat16 autocast (AMP_DTYPE auto: the GPU supports bfloat16)"
-    assert "float16 autocast with GradScaler" in choose_precision(load_config(None, ["AMP_DTYPE", "float16"]), torch.device("cpu")).describe()
+    forced = choose_precision(load_config(None, ["AMP_DTYPE", "float16"]), torch.device("cpu"))
+    assert forced.describe() == "float16 autocast with GradScaler (AMP_DTYPE float16)"
 
 
 def test_criterion_follows_mixup_and_smoothing():
