@@ -1,26 +1,279 @@
 #!/usr/bin/env bash
-# GPU checks of the fast path, in one run of a few minutes on a CUDA machine:
-#   1. the CUDA tests of tests/test_fast_path.py: golden logits on CUDA in float64 (< 1e-9) and float32
-#      (< 1e-4) on both paths, fast and straightforward training steps agreeing in float64, and fp16 AMP
-#      (GradScaler) training steps of DFvT-T with finite gradients and a falling loss;
-#   2. the benchmark of all three variants in fp32 and under fp16 autocast, then DFvT-T compiled.
-# Installs nothing: python (or $PYTHON) must import torch, timm, yacs and numpy (set PYTHONPATH).
-# Usage: benchmarks/gpu_check.sh [LOG]   (LOG: file for the whole output; default stdout)
+# DFvT on one CUDA GPU, in one run of about 5-7 minutes on an H100/H200, written up as a markdown report:
+#   a. python, torch and the GPU; CUDA must be available;
+#   b. every CUDA test of the suite (pytest -k cuda: golden logits on CUDA in float64/float32 on both paths, the two
+#      paths' training steps agreeing in float64, fp16 AMP training steps, fused AdamW, predict.py on CUDA);
+#   c. an ImageNet-like folder dataset of JPEGs cut from real photographs (benchmarks/imagenet_like.py);
+#   d. main.py under torchrun (one process): one training epoch, --eval of its checkpoint, --throughput;
+#   e. end-to-end training images/s, real loader vs the same step on synthetic batches, both input pipelines, T and S
+#      (benchmarks/train_e2e.py): how loader-bound training is;
+#   f. the train step of T/S/B at batch 128: benchmarks/benchmark.py (straightforward vs fast path, both under fp16
+#      autocast + GradScaler: its only CUDA autocast), then train_e2e.py --synthetic-only through the real training
+#      loop: upstream-like (fp16 + GradScaler, straightforward path) vs the repo's defaults (AMP_DTYPE auto = bf16
+#      without a scaler on this GPU, fast path); with COMPILE=1 also the defaults under torch.compile (DFvT-T).
+# Every step is timed and has a time limit; a failure is recorded and the next step runs. No step starts once the
+# time budget (BUDGET_S, default 450 s) is spent, so the whole run stays under 8 minutes.
+#
+# Usage: benchmarks/gpu_check.sh [REPORT]   REPORT: the markdown report (default gpu_report.md); the full log goes
+#        to ${REPORT%.md}.log, the datasets and run outputs to a fresh folder under /tmp (deleted unless KEEP_WORK=1).
+# Environment: PYTHON (default python, else python3), BUDGET_S, TRAIN_IMAGES (default 8000: e's timed steps stay in
+#              one epoch of batch 128), COMPILE=1, KEEP_WORK=1, DRY_RUN=1 (print the commands, run none; for tests).
+#
+# Python packages: torch, torchvision, timm, PyYAML, Pillow, numpy, scikit-learn and pytest must import. yacs and
+# termcolor (pure Python) are installed from wheels in .whl/ at the repo root when they do not import (a GPU machine
+# without network). Prepare the wheels where pip reaches PyPI (.whl/ is git-ignored; carry it to the GPU machine):
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl "yacs>=0.1.8" "termcolor>=2.0"
 set -uo pipefail
-cd "$(dirname "$0")/.."
-[ $# -ge 1 ] && exec >"$1" 2>&1
 
-status=0
+REPORT=$(realpath -m "${1:-gpu_report.md}")
+LOG="${REPORT%.md}.log"
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+export PYTHONUNBUFFERED=1 LC_ALL=C
+PY=${PYTHON:-python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+BUDGET_S=${BUDGET_S:-450}
+TRAIN_IMAGES=${TRAIN_IMAGES:-8000}
+DRY_RUN=${DRY_RUN:-0}
+WORK=$(mktemp -d /tmp/dfvt_gpu_check.XXXXXX)
+DATA=$WORK/data
+OUTDIR=$WORK/out
+CKPT=$OUTDIR/dfvt_tiny/gpu/ckpt_epoch_0.pth
+mkdir -p "$WORK/logs" "$(dirname "$REPORT")"
+
+STEP_NAMES=() STEP_WHAT=() STEP_STATUS=() STEP_SECONDS=()
+FAILED=0
+T0=$(date +%s%3N)
+
+elapsed_s() { echo $((($(date +%s%3N) - T0) / 1000)); }
+
+# step NAME LIMIT_S WHAT -- CMD...: run CMD with a time limit (cut to the budget left), its output to the console and
+# to $WORK/logs/NAME.log; record its status and seconds. A failure is recorded; the caller carries on.
 step() {
-  echo "== $* ($(date +%T))"
-  "$@" || { echo "!! failed: $*"; status=1; }
+  local name=$1 limit=$2 what=$3
+  shift 4
+  local left=$((BUDGET_S - $(elapsed_s)))
+  echo
+  echo "== $name: $what ($(date +%T), $(elapsed_s) s in)"
+  echo "\$ $(printf '%q ' "$@")"
+  STEP_NAMES+=("$name") STEP_WHAT+=("$what")
+  if [ "$DRY_RUN" = 1 ]; then
+    : >"$WORK/logs/$name.log"
+    STEP_STATUS+=("dry run") STEP_SECONDS+=("-")
+    return 0
+  fi
+  if [ "$left" -lt 15 ]; then
+    echo "!! $name skipped: the time budget of $BUDGET_S s is spent"
+    STEP_STATUS+=("skipped (time budget)") STEP_SECONDS+=("-")
+    FAILED=1
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local start rc seconds status
+  start=$(date +%s%3N)
+  if declare -F "$1" >/dev/null; then # a function of this script: no time limit (timeout runs programs only)
+    "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  else
+    timeout -k 15 "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  fi
+  rc=${PIPESTATUS[0]}
+  seconds=$(awk -v ms=$(($(date +%s%3N) - start)) 'BEGIN { printf "%.1f", ms / 1000 }')
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="timed out (limit $limit s)" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  [ "$rc" -eq 0 ] || FAILED=1
+  echo "== $name: $status after $seconds s"
+  STEP_STATUS+=("$status") STEP_SECONDS+=("$seconds")
+  return "$rc"
 }
 
-step "${PYTHON:-python}" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; \
-print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
-step "${PYTHON:-python}" -m pytest -q -rA -p no:cacheprovider tests/test_fast_path.py -k cuda
-step "${PYTHON:-python}" benchmarks/benchmark.py --device cuda --variants tiny small base
-step "${PYTHON:-python}" benchmarks/benchmark.py --device cuda --amp --variants tiny small base
-step "${PYTHON:-python}" benchmarks/benchmark.py --device cuda --amp --compile --variants tiny --no-memory
-echo "== done ($(date +%T)), status $status"
-exit $status
+# Lines of a step's log matching an extended regex, without terminal colours (main.py colours its log prefixes).
+grep_log() { sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/$1.log" 2>/dev/null | grep -E "$2"; }
+
+# yacs and termcolor from .whl/ where they do not import.
+deps() {
+  if "$PY" -c "import yacs, termcolor" 2>/dev/null; then
+    echo "yacs and termcolor import"
+    return 0
+  fi
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "yacs/termcolor do not import and there is no .whl/ folder (see the top of benchmarks/gpu_check.sh)"
+    return 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl || return 1
+  echo "installed from .whl/ into $WORK/site: $(ls .whl)"
+}
+
+ENV_CODE='import os, sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+print("CPU cores usable:", len(os.sched_getaffinity(0)))
+assert torch.cuda.is_available(), "CUDA is not available: no GPU visible to torch"
+p = torch.cuda.get_device_properties(0)
+print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs; {torch.cuda.device_count()} device(s); bf16 {torch.cuda.is_bf16_supported()}")
+import torchvision, timm, yacs, termcolor, PIL, sklearn
+print("torchvision", torchvision.__version__, "| timm", timm.__version__, "| Pillow", PIL.__version__, "| scikit-learn", sklearn.__version__)
+print("CUDA available: True")'
+
+# The markdown table of two train_e2e.py --synthetic-only JSON files: upstream-like (first) vs ours (second).
+compare_loops() {
+  "$PY" - "$1" "$2" <<'EOF'
+import json
+import sys
+
+up, ours = (json.load(open(path))["rows"] for path in sys.argv[1:3])
+print("| variant | upstream-like img/s | ours img/s | ours / upstream-like |")
+print("| --- | --- | --- | --- |")
+for u, o in zip(up, ours):
+    ratio = o["synthetic_ips"] / u["synthetic_ips"]
+    print(f"| {u['variant']} | {u['synthetic_ips']:.1f} | {o['synthetic_ips']:.1f} | {ratio:.2f}x |")
+print()
+for label, rows in (("upstream-like", up), ("ours", ours)):
+    r = rows[0]
+    path = "fast" if r["fast_path"] else "straightforward"
+    print(f"- {label}: {r['precision']}, {path} path, batch {r['batch_size']}, {r['timed_steps']} timed steps")
+EOF
+}
+
+run_all() {
+  echo "DFvT GPU check: $REPO ($(git rev-parse --short HEAD 2>/dev/null || echo '?')) on $(hostname), work folder $WORK"
+  echo "report $REPORT, log $LOG, python $PY, budget $BUDGET_S s"
+  local torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
+  local main_common=(--cfg configs/tiny.yaml --data-path "$DATA" --batch-size 128 --output "$OUTDIR")
+
+  step deps 120 "yacs and termcolor (from .whl/ when missing)" -- deps
+  if [ "$DRY_RUN" != 1 ] && [ -d "$WORK/site" ]; then
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  step a-env 60 "python, torch, GPU; CUDA available" -- "$PY" -c "$ENV_CODE"
+  step b-cuda-tests 240 "every CUDA test (pytest -k cuda)" -- \
+    "$PY" -m pytest -q -rA -p no:cacheprovider -m "not slow or slow" tests -k cuda
+  step c-data 120 "ImageNet-like JPEGs: $TRAIN_IMAGES train, 500 val, 10 classes" -- \
+    "$PY" benchmarks/imagenet_like.py "$DATA" --train "$TRAIN_IMAGES" --val 500 --classes 10
+  step d-train 180 "main.py under torchrun: one epoch of DFvT-T at batch 128" -- \
+    "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu \
+    --opts DATA.DATASET folder TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 PRINT_FREQ 5
+  step d-eval 90 "main.py --eval of the checkpoint" -- \
+    "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu-eval --eval --resume "$CKPT" --opts DATA.DATASET folder
+  step d-throughput 90 "main.py --throughput on a validation batch" -- \
+    "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu-throughput --throughput --opts DATA.DATASET folder
+  step e-train-e2e 240 "end-to-end training images/s, real loader vs synthetic batches (T, S; both pipelines)" -- \
+    "$PY" benchmarks/train_e2e.py --device cuda --variant tiny small --pipeline fast --pipeline upstream \
+    --data-path "$DATA" --batch-size 128 --steps 45 --json "$WORK/e2e.json"
+  step f-benchmark 240 "model train step and eval, straightforward vs fast path, fp16 autocast + GradScaler" -- \
+    "$PY" benchmarks/benchmark.py --device cuda --amp --variants tiny small base --batch-size 128 \
+    --train-batch-size 128
+  step f-loop-upstream-like 150 "training loop, synthetic batches: fp16 + GradScaler, straightforward path" -- \
+    "$PY" benchmarks/train_e2e.py --synthetic-only --device cuda --variant tiny small base --batch-size 128 \
+    --steps 30 --json "$WORK/f_upstream_like.json" --opts MODEL.DFVT.FAST_PATH False AMP_DTYPE float16
+  step f-loop-ours 150 "training loop, synthetic batches: the defaults (AMP_DTYPE auto, fast path)" -- \
+    "$PY" benchmarks/train_e2e.py --synthetic-only --device cuda --variant tiny small base --batch-size 128 \
+    --steps 30 --json "$WORK/f_ours.json"
+  if [ "${COMPILE:-0}" = 1 ]; then
+    step f-loop-ours-compiled 240 "training loop, synthetic batches: the defaults under torch.compile (DFvT-T)" -- \
+      "$PY" benchmarks/train_e2e.py --synthetic-only --device cuda --variant tiny --batch-size 128 --steps 30 \
+      --compile
+  fi
+  echo
+  echo "== done after $(elapsed_s) s; $([ "$FAILED" = 0 ] && echo 'every step passed' || echo 'some steps FAILED')"
+  write_report
+  echo "report: $REPORT"
+  return "$FAILED"
+}
+
+write_report() {
+  local i
+  {
+    echo "# DFvT GPU check"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC') · commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+      "$(git diff --quiet HEAD 2>/dev/null || echo '(with uncommitted changes)') · $(hostname) ·" \
+      "benchmarks/gpu_check.sh, $(elapsed_s) s · full log: \`$LOG\`"
+    echo
+    echo "| step | what | status | seconds |"
+    echo "| --- | --- | --- | --- |"
+    for i in "${!STEP_NAMES[@]}"; do
+      echo "| ${STEP_NAMES[$i]} | ${STEP_WHAT[$i]} | ${STEP_STATUS[$i]} | ${STEP_SECONDS[$i]} |"
+    done
+    echo
+    echo "## a. Environment"
+    echo
+    echo '```text'
+    grep_log deps '.'
+    grep_log a-env '.'
+    echo '```'
+    echo
+    echo "## b. CUDA tests"
+    echo
+    echo '```text'
+    grep_log b-cuda-tests '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|[0-9]+ (passed|failed|errors?|skipped|deselected)'
+    echo '```'
+    echo
+    echo "## d. main.py under torchrun (one process, batch 128, DFvT-T, $TRAIN_IMAGES training images)"
+    echo
+    echo "With one process main.py joins no process group (world size 1), so NCCL itself is not exercised."
+    echo
+    echo '```text'
+    echo "-- train"
+    grep_log d-train 'Run:|Precision:|Loader:|Acc@1|Max accuracy|Training time|EPOCH 0 training takes'
+    grep_log d-train 'Train: \[' | tail -n 1
+    echo "-- eval"
+    grep_log d-eval 'Acc@1|Precision:|Loader:'
+    echo "-- throughput"
+    grep_log d-throughput 'throughput [0-9.]+ images/s|Precision:|Loader:'
+    echo '```'
+    echo
+    echo "## e. End-to-end training: real loader vs synthetic batches"
+    echo
+    echo "Same model, optimizer, precision and training loop (engine.train_one_epoch); synthetic = one pre-made batch"
+    echo "already on the GPU, no loader. real / synthetic: 1.00 = the loader keeps up; 0.50 = it halves the speed."
+    echo
+    grep_log e-train-e2e '^(\||device |loader restarts)'
+    echo
+    echo "## f. Train step at batch 128: upstream-like vs ours"
+    echo
+    echo "benchmark.py (its CUDA autocast is fp16 + GradScaler for both paths; it has no bf16 option on CUDA):"
+    echo
+    grep_log f-benchmark '^(\||CPU:|torch |device:|fp16|fp32|train peak|tiny |small |base )'
+    echo
+    echo "The repo's training loop on synthetic batches (train_e2e.py --synthetic-only), upstream-like vs ours:"
+    echo
+    if [ -s "$WORK/f_upstream_like.json" ] && [ -s "$WORK/f_ours.json" ]; then
+      compare_loops "$WORK/f_upstream_like.json" "$WORK/f_ours.json"
+    else
+      echo "(no figures: see the failures below)"
+    fi
+    if [ "${COMPILE:-0}" = 1 ]; then
+      echo
+      echo "Ours under torch.compile:"
+      echo
+      grep_log f-loop-ours-compiled '^(\||device )'
+    fi
+    local failed=()
+    for i in "${!STEP_NAMES[@]}"; do
+      case ${STEP_STATUS[$i]} in ok | "dry run") ;; *) failed+=("${STEP_NAMES[$i]}") ;; esac
+    done
+    if [ "${#failed[@]}" -gt 0 ]; then
+      echo
+      echo "## Failures (last 40 lines of each)"
+      for name in "${failed[@]}"; do
+        echo
+        echo "### $name"
+        echo
+        echo '```text'
+        sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/$name.log" 2>/dev/null | tail -n 40
+        echo '```'
+      done
+    fi
+  } >"$REPORT"
+}
+
+run_all 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+if [ "${KEEP_WORK:-0}" = 1 ]; then
+  echo "kept $WORK"
+else
+  rm -rf "$WORK"
+fi
+exit "$status"

@@ -191,3 +191,55 @@ def test_run_state_skips_foreign_pieces_with_a_warning(caplog):
         run.load_state_dict(foreign, "upstream.pth", logging.getLogger("t"))
     assert "upstream.pth: its optimizer state does not fit this run and was skipped" in caplog.text
     assert "apex loss-scaler state ignored" in caplog.text
+
+
+def test_non_finite_loss_found_at_the_next_report_names_its_step():
+    # Losses are read once per PRINT_FREQ steps (no host sync per step); the error still names the first bad step.
+    batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(4)]
+    optimizer = torch.optim.SGD(NaNAfter(2).parameters(), lr=0.1)
+    config = load_config(None, ["PRINT_FREQ", "10"])
+    with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 0, step 2/4"):
+        model = NaNAfter(2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        run_epoch(config, model, batches, optimizer, 0, StepRecorder())
+
+
+def test_checkpoints_resume_across_the_precision_choice(caplog):
+    """A bf16/fp32 run saves an empty scaler state; resuming it under fp16 + GradScaler starts the scaler afresh
+    (said once, no warning), and an fp16 run's scaler state is simply unused by a bf16 run."""
+    bf16 = small_run(0)
+    fp16 = small_run(0)
+    fp16.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    batches = [(torch.randn(3, 6), torch.randint(0, 4, (3,))) for _ in range(2)]
+    config = load_config(None, ["PRINT_FREQ", "1"])
+    train_one_epoch(
+        config, fp16, fp16.model, nn.CrossEntropyLoss(), batches, None, 0, Precision(torch.float16, True), CPU,
+        logging.getLogger("t"),
+    )  # fmt: skip
+    logger = logging.getLogger("t")
+    with caplog.at_level(logging.INFO):
+        fresh = small_run(1)
+        fresh.scaler = torch.amp.GradScaler("cpu", enabled=True)
+        fresh.load_state_dict(bf16.state_dict(), "bf16.pth", logger)
+        bf16.load_state_dict(fp16.state_dict(), "fp16.pth", logger)
+    assert "bf16.pth: saved without a GradScaler (bfloat16 or fp32); the scaler starts afresh" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert fresh.scaler.get_scale() == 65536.0 and not bf16.scaler.is_enabled()
+    assert fp16.state_dict()["scaler"]["scale"] == 1024.0  # the fp16 steps ran with the scaler
+
+
+def test_float16_with_grad_scaler_trains_dfvt_on_the_cpu():
+    """AMP_DTYPE float16 also runs on the CPU (autocast + GradScaler), so the GPU's fp16 path is exercised here."""
+    from tests.helpers import build
+
+    torch.manual_seed(0)
+    model = build("tiny", "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "4")
+    precision = choose_precision(load_config(None, ["AMP_DTYPE", "float16"]), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=precision.use_scaler, init_scale=256.0)  # 65536 overflows at first
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))) for _ in range(3)]
+    before = copy.deepcopy(model.state_dict())
+    stats = run_epoch(load_config(None, ["PRINT_FREQ", "1"]), model, batches, torch.optim.AdamW(model.parameters()),
+                      0, StepRecorder(), scaler, precision)  # fmt: skip
+    assert precision.use_scaler and stats["skipped_steps"] == 0 and stats["loss"] > 0
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
