@@ -235,7 +235,7 @@ write_report() {
     echo
     echo "benchmark.py (its CUDA autocast is fp16 + GradScaler for both paths; it has no bf16 option on CUDA):"
     echo
-    grep_log f-benchmark '^(\||CPU:|torch |device:|fp16|fp32|train peak|tiny |small |base )'
+    grep_log f-benchmark '^(\||CPU:|torch |device:|fp16|bf16|fp32|train peak|tiny |small |base )'
     echo
     echo "The repo's training loop on synthetic batches (train_e2e.py --synthetic-only), upstream-like vs ours:"
     echo
@@ -256,12 +256,14 @@ write_report() {
     done
     if [ "${#failed[@]}" -gt 0 ]; then
       echo
-      echo "## Failures (last 40 lines of each)"
+      echo "## Failures (the first error lines, then the last 40 lines of each)"
       for name in "${failed[@]}"; do
         echo
         echo "### $name"
         echo
         echo '```text'
+        grep_log "$name" 'ERROR|Error:|error:|FAILED' | head -n 10
+        echo "..."
         sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/$name.log" 2>/dev/null | tail -n 40
         echo '```'
       done

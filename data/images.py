@@ -68,8 +68,10 @@ def image_size(image: EncodedImage) -> tuple[int, int]:
         raise _unreadable(image.source, e) from e
 
 
-def decode_uint8(image: EncodedImage) -> torch.Tensor:
-    """The image as an RGB ``uint8`` tensor of shape ``(3, H, W)``.
+def decode_uint8(image: EncodedImage, reduce: int = 1) -> torch.Tensor:
+    """The image as an RGB ``uint8`` tensor of shape ``(3, H, W)``; with ``reduce`` 2, 4 or 8, a JPEG is decoded at
+    about ``1/reduce`` of its size by libjpeg's DCT-domain scaling (PIL's ``draft``), 1.3-1.9x faster than a full
+    decode of a large file (other formats ignore ``reduce``).
 
     JPEGs are decoded by torchvision's libjpeg-turbo (1.5x faster than PIL here, bit-identical pixels for RGB,
     greyscale and CMYK files); every other format goes through PIL's ``convert("RGB")``, as in the upstream pipeline.
@@ -77,6 +79,12 @@ def decode_uint8(image: EncodedImage) -> torch.Tensor:
     pins 0.29.1, its deprecation warning is silenced here, and without ``decode_jpeg`` PIL decodes JPEGs too.
     """
     try:
+        if reduce > 1 and image.data[:3] == JPEG_MAGIC:
+            with Image.open(io.BytesIO(image.data)) as img:
+                width, height = img.size
+                img.draft("RGB", (-(-width // reduce), -(-height // reduce)))
+                array = np.array(img.convert("RGB"))
+            return torch.from_numpy(array).permute(2, 0, 1)
         if decode_jpeg is not None and image.data[:3] == JPEG_MAGIC:
             encoded = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
             with warnings.catch_warnings():

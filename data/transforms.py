@@ -127,7 +127,9 @@ class DecodeResizedCrop:
 
     The box comes from timm's ``get_params`` on the header's size, and the interpolation (when it is a choice) from
     ``random.choice``, in timm's order, so a seeded run draws timm's boxes. The crop is resized by torch's uint8
-    antialiased resize (4.7x faster than PIL's bicubic here; within 2 levels of PIL's, on 0.3 % of pixels).
+    antialiased resize (4.7x faster than PIL's bicubic here; within 2 levels of PIL's, on 0.3 % of pixels). When
+    the box is at least twice the output size on both sides, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain first (:func:`data.images.decode_uint8`), still at least the output size: only large files gain.
     """
 
     def __init__(self, rrc: RandomResizedCropAndInterpolation) -> None:
@@ -135,7 +137,9 @@ class DecodeResizedCrop:
 
     def params(self, image: EncodedImage) -> tuple[tuple[int, int, int, int], InterpolationMode]:
         """The crop box ``(top, left, height, width)`` and interpolation for ``image``, drawn as timm draws them."""
-        width, height = image_size(image)
+        return self._draw(*image_size(image))
+
+    def _draw(self, width: int, height: int) -> tuple[tuple[int, int, int, int], InterpolationMode]:
         box = RandomResizedCropAndInterpolation.get_params(torch.empty(0, height, width), self.scale, self.ratio)
         mode = self.interpolation
         if isinstance(mode, (tuple, list)):
@@ -143,8 +147,16 @@ class DecodeResizedCrop:
         return box, mode
 
     def __call__(self, image: EncodedImage) -> torch.Tensor:
-        (top, left, h, w), mode = self.params(image)
-        pixels = decode_uint8(image)[None, :, top : top + h, left : left + w]
+        width, height = image_size(image)
+        (top, left, h, w), mode = self._draw(width, height)
+        reduce = next((r for r in (8, 4, 2) if h >= r * self.size[0] and w >= r * self.size[1]), 1)
+        pixels = decode_uint8(image, reduce)
+        if reduce > 1:  # the box in the reduced image's pixels (its size is the original's / reduce, rounded up)
+            sy, sx = pixels.shape[1] / height, pixels.shape[2] / width
+            bottom, right = min(round((top + h) * sy), pixels.shape[1]), min(round((left + w) * sx), pixels.shape[2])
+            top, left = round(top * sy), round(left * sx)
+            h, w = bottom - top, right - left
+        pixels = pixels[None, :, top : top + h, left : left + w]
         # Channels-last in and out: torch's uint8 resize works on interleaved pixels, and PIL takes them uncopied.
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         return TF.resize(pixels, self.size, interpolation=mode, antialias=True)[0]

@@ -139,6 +139,23 @@ def test_training_transform_follows_timm_on_seeded_draws(photos):
     assert np.median(other) > 20 * level, other
 
 
+def test_large_jpeg_crops_decode_at_reduced_scale(photos, monkeypatch):
+    """A box at least 2x the output on both sides is decoded at 1/2, 1/4 or 1/8 scale (DCT domain): the result is
+    close to resizing the fully decoded crop."""
+    import data.transforms as module
+
+    big = Image.open(files(photos, "train")[0]).convert("RGB").resize((1600, 1200))
+    image = encode(big, "JPEG", quality=90)
+    crop = build_uint8_transform(True, config(None, "AUG.SCALE", "(0.9, 1.0)")).crop
+    real, reduces = module.decode_uint8, []
+    monkeypatch.setattr(module, "decode_uint8", lambda img, reduce=1: reduces.append(reduce) or real(img, reduce))
+    reduced = seeded(0, crop, image)
+    monkeypatch.setattr(module, "decode_uint8", lambda img, reduce=1: real(img, 1))
+    full = seeded(0, crop, image)
+    assert reduces == [4] and reduced.shape == full.shape == (3, 224, 224)
+    assert (reduced.float() - full.float()).abs().mean() < 2.0  # grey levels
+
+
 def test_geometric_ops_resample_bilinearly_and_keep_the_policy():
     ours = build_uint8_transform(True, config()).pil_ops
     ops = list(augment_ops(ours))
