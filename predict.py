@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import ImageNetInfo
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
 from checkpoint import load_file, model_state_of
 from config import load_config
-from data import build_transform, load_rgb_image
+from data import build_transform, build_uint8_transform, load_rgb_image, normalize_uint8, read_encoded
 from errors import CheckpointError, ConfigError, DataError
 from models import DFvT, build_model, load_model_weights
 
@@ -137,14 +137,26 @@ def format_prediction(pred: dict[str, Any]) -> str:
     return f"  {100 * pred['prob']:6.2f}%  {label}"
 
 
+def eval_transform(config: CfgNode) -> Callable[[Path], torch.Tensor]:
+    """Image file -> the model's normalised input, by the evaluation pipeline ``DATA.PIPELINE`` names (fast: the
+    uint8 decode and resize of ``--eval``, about 3x faster per image than upstream's PIL path)."""
+    if config.DATA.PIPELINE == "upstream":
+        upstream = build_transform(False, config)
+        return lambda path: upstream(load_rgb_image(path))
+    uint8 = build_uint8_transform(False, config)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(-1, 1, 1)
+    return lambda path: normalize_uint8(uint8(read_encoded(path)), mean, std)
+
+
 def batches(
-    paths: list[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
+    paths: list[Path], transform: Callable[[Path], torch.Tensor], batch_size: int, on_error: Callable[[Path, str], None]
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Decoded, transformed images in batches; unreadable files go to ``on_error`` and are skipped."""
     ready, tensors = [], []
     for path in paths:
         try:
-            tensors.append(transform(load_rgb_image(path)))
+            tensors.append(transform(path))
         except DataError as e:
             on_error(path, str(e))
             continue
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, config, ckpt = load_classifier(args)
         names = class_names(model.num_classes, ckpt, args.class_names)
-        transform = build_transform(False, config)
+        transform = eval_transform(config)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

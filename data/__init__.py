@@ -1,7 +1,7 @@
 """Datasets, transforms and distributed loaders: ImageNet folders, zip archives and the built-in digits demo."""
 
 from .build import Data, DataInfo, build_loader, dist_rank_world, resolve_num_workers
-from .device import DeviceLoader
+from .device import DeviceLoader, normalize_uint8
 from .digits import prepare_digits
 from .images import EncodedImage, decode_rgb_image, decode_uint8, load_rgb_image, read_encoded
 from .samplers import ShardedEvalSampler, ShardRandomSampler
@@ -24,6 +24,7 @@ __all__ = [
     "decode_uint8",
     "dist_rank_world",
     "load_rgb_image",
+    "normalize_uint8",
     "parse_map_file",
     "prepare_digits",
     "read_encoded",

@@ -35,6 +35,12 @@ def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
     return out.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64)
 
 
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 ``(x / 255 - mean) / std``: torchvision's ``ToTensor`` + ``Normalize`` in their
+    order, so the same pixels give bit-identical inputs. ``mean`` and ``std`` broadcast over the channel axis."""
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
 class DeviceLoader:
     """Iterate ``loader`` and yield model-ready ``(images, targets)`` on ``device``.
 
@@ -85,7 +91,7 @@ class DeviceLoader:
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
-            images = images.float().div_(255).sub_(self.mean).div_(self.std)
+            images = normalize_uint8(images, self.mean, self.std)
             if self.erasing is not None:
                 images = self.erasing(images)
         return images, targets

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import ImageNetInfo
 
@@ -23,6 +24,7 @@ from models import build_model
 from tests.helpers import ROOT, config_path, run, upstream_checkpoint
 
 OPTS = ["--opts", "DATA.IMG_SIZE", "32"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PREDICTION = re.compile(r"^  +(\d+\.\d{2})%  class (\d+)(?:: (.+))?$")
 
 
@@ -68,7 +70,23 @@ def setup(tmp_path_factory) -> dict:
 
 
 def expected_probs(model: torch.nn.Module, path: Path) -> torch.Tensor:
-    """The independent computation: eval transform, forward, softmax."""
+    """The independent computation of the default (fast) eval pipeline, written out: PIL decode, antialiased bicubic
+    resize of the uint8 pixels so the short side is 32 / 0.875 (the long side scaled and truncated, as torchvision
+    does), centre crop 32, ``(x / 255 - mean) / std``, forward, softmax."""
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    h, w = pixels.shape[1:]
+    short = int(32 / 0.875)
+    size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    resized = F.interpolate(pixels[None], size=size, mode="bicubic", antialias=True)[0]
+    top, left = round((size[0] - 32) / 2), round((size[1] - 32) / 2)
+    crop = resized[:, top : top + 32, left : left + 32].float() / 255
+    image = (crop - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    with torch.no_grad():
+        return model(image[None]).softmax(dim=-1)[0]
+
+
+def upstream_probs(model: torch.nn.Module, path: Path) -> torch.Tensor:
+    """The upstream pipeline's computation: PIL image, torchvision eval transform, forward, softmax."""
     config = load_config(str(ROOT / "configs" / "tiny.yaml"), ["DATA.IMG_SIZE", "32"])
     image = build_transform(False, config)(Image.open(path).convert("RGB"))
     with torch.no_grad():
@@ -228,3 +246,12 @@ def test_the_command_line_as_a_user_runs_it(setup):
     expected = expected_probs(setup["model"], setup["loose"][0]).topk(2)
     assert [c for _, c, _ in rows] == expected.indices.tolist()
     assert [p for p, _, _ in rows] == pytest.approx(expected.values.tolist(), abs=1e-4)
+
+
+def test_upstream_pipeline_option_reproduces_the_pil_path(setup, predict):
+    proc = predict("--json", "--resume", setup["ckpt"], *setup["loose"], *OPTS, "DATA.PIPELINE", "upstream")
+    assert proc.returncode == 0, proc.stderr
+    for result in json.loads(proc.stdout)["images"]:
+        expected = upstream_probs(setup["model"], Path(result["path"]))
+        got = [p["prob"] for p in result["predictions"]]
+        assert got == pytest.approx(expected.topk(len(got)).values.tolist(), abs=1e-5)  # batched vs alone
