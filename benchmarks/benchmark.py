@@ -13,6 +13,11 @@ warm-up step, measured for each path in a fresh process with freed heap returned
 
     python benchmarks/benchmark.py --variants tiny small
     python benchmarks/benchmark.py --device cuda --amp --compile
+    python benchmarks/benchmark.py --device cuda --amp --fast-dtype auto   # upstream-like fp16 vs ours (bf16)
+
+With ``--amp`` the straightforward path runs as upstream did (fp16 autocast + GradScaler on CUDA, bf16 on the
+CPU); ``--fast-dtype`` picks the fast path's autocast dtype (``same``: the straightforward path's; ``auto``: what a
+run of this repo picks, ``AMP_DTYPE auto``), with a GradScaler whenever it is fp16.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import CONFIGS_DIR, load_config  # noqa: E402
+from engine import choose_precision  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from utils import unwrap_model  # noqa: E402
@@ -53,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-batch-size", type=int, default=16, help="images per train step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast: fp16 (+GradScaler) on CUDA, bf16 on CPU")
+    dtypes = ["same", "auto", "bfloat16", "float16"]
+    parser.add_argument("--fast-dtype", default="same", choices=dtypes, help="with --amp: the fast path's autocast")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the fast path")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions per path (after compiling)")
     parser.add_argument("--reps", type=int, default=11, help="timed repetitions per path (median reported)")
@@ -91,10 +99,20 @@ def build(variant: str, path: str, device: torch.device) -> nn.Module:
     return build_model(load_config(str(CONFIGS_DIR / f"{variant}.yaml"), opts)).to(device)
 
 
-def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
-    if not amp:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+def amp_dtype(args: argparse.Namespace, path: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``path`` (None: fp32); see the module docstring."""
+    if not args.amp:
+        return None
+    upstream = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if path == "straightforward" or args.fast_dtype == "same":
+        return upstream
+    if args.fast_dtype == "auto":
+        return choose_precision(load_config(), device).dtype
+    return getattr(torch, args.fast_dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,9 +121,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_train_step(
-    model: nn.Module, device: torch.device, amp: bool, repo_optimizer: bool
+    model: nn.Module, device: torch.device, dtype: torch.dtype | None, repo_optimizer: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One optimisation step: forward, cross-entropy, backward, AdamW (GradScaler under CUDA fp16).
+    """One optimisation step: forward, cross-entropy, backward, AdamW (GradScaler under fp16 autocast).
 
     ``repo_optimizer``: the AdamW users get from ``optimizer.build_optimizer`` (upstream parameter groups, fused
     kernel); otherwise ``torch.optim.AdamW`` with its defaults over all parameters, as the upstream code builds it.
@@ -114,11 +132,11 @@ def make_train_step(
         optimizer = build_optimizer(load_config(None, ["TRAIN.BASE_LR", "1e-4"]), unwrap_model(model))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with autocast(device, dtype):
             loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -178,7 +196,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     variant, path = args.memory_probe
     device = torch.device("cpu")
     model = build(variant, path, device).train()
-    train_step = make_train_step(model, device, args.amp, repo_optimizer=path != "straightforward")
+    dtype = amp_dtype(args, path, device)
+    train_step = make_train_step(model, device, dtype, repo_optimizer=path != "straightforward")
     x = torch.randn(args.train_batch_size, 3, 224, 224)
     y = torch.randint(0, 1000, (args.train_batch_size,))
     train_step(x, y)  # warm-up: gradients and optimizer state exist afterwards, as in steady training
@@ -190,7 +209,7 @@ def cpu_train_peak_mib(args: argparse.Namespace, variant: str, path: str) -> flo
     if not Path("/proc/self/clear_refs").exists():
         return None
     cmd = [sys.executable, __file__, "--memory-probe", variant, path, "--train-batch-size", str(args.train_batch_size)]
-    cmd += ["--amp"] if args.amp else []
+    cmd += ["--amp", "--fast-dtype", args.fast_dtype] if args.amp else []
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -222,21 +241,24 @@ def benchmark_variant(args: argparse.Namespace, variant: str, device: torch.devi
         for m in models.values():
             m.eval()
 
-        def forward(model: nn.Module) -> Callable[[], None]:
+        def forward(model: nn.Module, dtype: torch.dtype | None) -> Callable[[], None]:
             def run() -> None:
-                with torch.no_grad(), autocast(device, args.amp):
+                with torch.no_grad(), autocast(device, dtype):
                     model(x)
 
             return run
 
-        with torch.no_grad(), autocast(device, args.amp):
-            ref = runners["straightforward"](x).float()
+        with torch.no_grad():
+            with autocast(device, amp_dtype(args, "straightforward", device)):
+                ref = runners["straightforward"](x).float()
             for name, runner in runners.items():
                 start = time.perf_counter()
-                out = runner(x).float()  # the first call of a compiled model compiles it
+                with autocast(device, amp_dtype(args, name, device)):
+                    out = runner(x).float()  # the first call of a compiled model compiles it
                 rows[name]["max_rel_diff"] = ((out - ref).abs().max() / ref.abs().max()).item()
                 rows[name]["first_call_s"] = time.perf_counter() - start
-        times = interleaved_times({n: forward(r) for n, r in runners.items()}, device, args.warmup, args.reps, iters)
+        forwards = {n: forward(r, amp_dtype(args, n, device)) for n, r in runners.items()}
+        times = interleaved_times(forwards, device, args.warmup, args.reps, iters)
         for name, t in times.items():
             rows[name]["eval_ips"] = args.batch_size / statistics.median(t)
             rows[name]["eval_speedup"] = paired_speedup(times["straightforward"], t)
@@ -247,7 +269,8 @@ def benchmark_variant(args: argparse.Namespace, variant: str, device: torch.devi
         steps = {}
         for name, runner in runners.items():
             models[name].train()
-            train_step = make_train_step(runner, device, args.amp, repo_optimizer=name != "straightforward")
+            dtype = amp_dtype(args, name, device)
+            train_step = make_train_step(runner, device, dtype, repo_optimizer=name != "straightforward")
             steps[name] = lambda s=train_step: s(x, y)
         times = interleaved_times(steps, device, args.warmup, args.reps, iters)
         for name, t in times.items():
@@ -303,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = torch.device(args.device)
     print(machine_description(device))
-    precision = ("fp16" if device.type == "cuda" else "bf16") + " autocast" if args.amp else "fp32"
+    precision = "fp32"
+    if args.amp:
+        names = {path: str(amp_dtype(args, path, device)).removeprefix("torch.") for path in PATHS}
+        precision = ", ".join(f"{path} {name} autocast" for path, name in names.items())
+        precision += " (GradScaler with float16)"
     print(
         f"{precision}; eval batch {args.batch_size}, train batch {args.train_batch_size}; "
         f"median of {args.reps} alternating repetitions after {args.warmup} warm-up"
