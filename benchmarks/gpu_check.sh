@@ -43,6 +43,7 @@ CKPT=$OUTDIR/dfvt_tiny/gpu/ckpt_epoch_0.pth
 mkdir -p "$WORK/logs" "$(dirname "$REPORT")"
 
 STEP_NAMES=() STEP_WHAT=() STEP_STATUS=() STEP_SECONDS=()
+STEP_PID='' TAIL_PID=''
 FAILED=0
 T0=$(date +%s%3N)
 
@@ -74,14 +75,25 @@ step() {
   start=$(date +%s%3N)
   if declare -F "$1" >/dev/null; then # a function of this script: no time limit (timeout runs programs only)
     "$@" 2>&1 | tee "$WORK/logs/$name.log"
+    rc=${PIPESTATUS[0]}
   else
-    timeout -k 15 "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
+    # timeout puts the step in a process group of its own and ends the whole group (loader workers, torchrun's
+    # processes, pools) at the limit; its output goes to the step's log, and tail shows it until the step ends.
+    : >"$WORK/logs/$name.log"
+    timeout -k 15 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1 &
+    STEP_PID=$!
+    tail -n +1 -s 0.2 -f --pid="$STEP_PID" "$WORK/logs/$name.log" &
+    TAIL_PID=$!
+    wait "$STEP_PID"
+    rc=$?
+    wait "$TAIL_PID"
+    STEP_PID='' TAIL_PID=''
   fi
-  rc=${PIPESTATUS[0]}
   seconds=$(awk -v ms=$(($(date +%s%3N) - start)) 'BEGIN { printf "%.1f", ms / 1000 }')
   case $rc in
     0) status=ok ;;
-    124 | 137) status="timed out (limit $limit s)" ;;
+    124) status="timed out (limit $limit s)" ;;
+    137) status="killed (time limit $limit s + 15 s, or out of memory)" ;;
     *) status="failed (exit $rc)" ;;
   esac
   [ "$rc" -eq 0 ] || FAILED=1
@@ -103,8 +115,9 @@ deps() {
     echo "yacs/termcolor do not import and there is no .whl/ folder (see the top of benchmarks/gpu_check.sh)"
     return 1
   fi
-  "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl || return 1
-  echo "installed from .whl/ into $WORK/site: $(ls .whl)"
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps \
+    --target "$WORK/site" .whl/*.whl || return 1
+  echo "installed from .whl/ into $WORK/site (on PYTHONPATH from here on): $(cd .whl && echo *.whl)"
 }
 
 ENV_CODE='import os, sys, torch
@@ -137,7 +150,21 @@ for label, rows in (("upstream-like", up), ("ours", ours)):
 EOF
 }
 
+# Ctrl-C or a TERM: end the running step's process group, write the report of what ran, and stop.
+stop_step() {
+  [ -n "$STEP_PID" ] && kill -TERM -- "-$STEP_PID" 2>/dev/null
+  [ -n "$TAIL_PID" ] && kill "$TAIL_PID" 2>/dev/null
+  echo "!! interrupted"
+  if [ "${#STEP_STATUS[@]}" -lt "${#STEP_NAMES[@]}" ]; then
+    STEP_STATUS+=("interrupted") STEP_SECONDS+=("-")
+  fi
+  FAILED=1
+  write_report
+  exit 130
+}
+
 run_all() {
+  trap stop_step INT TERM
   echo "DFvT GPU check: $REPO ($(git rev-parse --short HEAD 2>/dev/null || echo '?')) on $(hostname), work folder $WORK"
   echo "report $REPORT, log $LOG, python $PY, budget $BUDGET_S s"
   local torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
@@ -282,11 +309,13 @@ write_report() {
   } >"$REPORT"
 }
 
+cleanup() {
+  if [ "${KEEP_WORK:-0}" = 1 ]; then
+    echo "kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
 run_all 2>&1 | tee "$LOG"
-status=${PIPESTATUS[0]}
-if [ "${KEEP_WORK:-0}" = 1 ]; then
-  echo "kept $WORK"
-else
-  rm -rf "$WORK"
-fi
-exit "$status"
+exit "${PIPESTATUS[0]}"

@@ -13,11 +13,13 @@ real / synthetic is how loader-bound training is: 1.00 means the loader keeps up
 
 Timing: each run feeds ``train_one_epoch`` ``--warmup`` + ``--steps`` optimizer steps' worth of batches; the clock
 starts (after a device sync) once the warm-up batches have been consumed and stops (after a sync) when the loop
-returns, so exactly ``--steps`` steps are timed, with the loader's time in them for the real run. The real run's
-warm-up defaults to the loader's worker count (at least 5): the workers start together and deliver their first
-batches at once, a burst a steady run never sees. Batches then arrive in rounds of one per worker, so take ``--steps``
-as a multiple of the worker count, or much larger. Where warm-up + steps exceed an epoch, the loader starts a new
-epoch (new workers, as training does every epoch); the table says how often that happened in the timed part.
+returns, so exactly ``--steps`` steps are timed, with the loader's time in them for the real run. ``--warmup auto``
+(the default) is the smallest multiple of the loader's worker count that is at least 5 (5 without workers): the
+workers start together and deliver their first batches at once, a burst a steady run never sees, and it stays out
+of the timed part. Batches then arrive in rounds of one per worker, so take ``--steps`` as a multiple of the worker
+count, or much larger. Where warm-up + steps exceed an epoch, the loader starts a new epoch (new workers, as training
+does every epoch); the table says how often that happened in the timed part. ``--synthetic-only`` skips the real
+run (and needs no dataset): the training loop's speed for a given config, e.g. upstream-like vs the defaults.
 
     python benchmarks/imagenet_like.py /tmp/imagenet_like --train 8000 --val 500
     python benchmarks/train_e2e.py --data-path /tmp/imagenet_like --device cuda --pipeline fast --pipeline upstream
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 from config import CONFIGS_DIR, load_config  # noqa: E402
 from data import build_loader, build_mixup, resolve_num_workers  # noqa: E402
+from errors import DFvTError  # noqa: E402
 from lr_scheduler import build_scheduler, linear_scaled_lrs, optimizer_steps_per_epoch  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
@@ -353,4 +356,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DFvTError as e:  # a bad config or dataset: one line, as main.py prints it
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -28,7 +28,8 @@ def test_both_paths_under_autocast_with_memory():
     # --fast-dtype auto: the fast path in the dtype a run picks (bf16 on the CPU), as gpu_check.sh asks on a GPU.
     cmd = [sys.executable, "benchmarks/benchmark.py", *TINY, "--amp", "--fast-dtype", "auto"]
     proc = check(run(cmd, timeout=600))
-    assert "straightforward bfloat16 autocast, fast bfloat16 autocast (GradScaler with float16); eval batch 2" in proc.stdout
+    header = "straightforward bfloat16 autocast, fast bfloat16 autocast (GradScaler with float16); eval batch 2"
+    assert header in proc.stdout
     table = rows(proc.stdout)
     assert set(table) == {"straightforward", "fast"}
     assert table["straightforward"][1] == "1.00" and float(table["fast"][0]) > 0

@@ -4,6 +4,7 @@ CUDA tests it selects, and the end-to-end benchmark's table and JSON on a tiny d
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -34,11 +35,19 @@ def load_script(name: str) -> ModuleType:
 def dry_run(tmp_path_factory) -> tuple[list[list[str]], str]:
     """The commands ``DRY_RUN=1 gpu_check.sh`` prints (``$ cmd`` lines, shell-quoted) and the report it writes."""
     report = tmp_path_factory.mktemp("gpu_check") / "report.md"
-    env = clean_env({"DRY_RUN": "1", "PYTHON": sys.executable, "COMPILE": "1"})
+    env = clean_env({"DRY_RUN": "1", "PYTHON": sys.executable, "COMPILE": "1", "TRAIN_IMAGES": "8000"})
     proc = subprocess.run(["bash", str(SCRIPT), str(report)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("$ ") and "\n" not in line]
-    return [c for c in commands if c], report.read_text()
+    return [split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("$ ")], report.read_text()
+
+
+def split(line: str) -> list[str]:
+    """A ``printf %q`` command line as its arguments; as one item where shlex cannot read it (``$'...'`` quoting,
+    which only the inline ``python -c`` code gets)."""
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return [line]
 
 
 def test_script_syntax():
@@ -91,6 +100,7 @@ def test_every_python_invocation_parses(dry_run, monkeypatch):
         elif script == "benchmarks/benchmark.py":
             parsed = benchmark.parse_args(args)
             assert parsed.device == "cuda" and parsed.batch_size == parsed.train_batch_size == 128
+            assert parsed.amp and getattr(parsed, "fast_dtype", "auto") == "auto"  # ours: the dtype a run picks
         elif script == "benchmarks/train_e2e.py":
             parsed = train_e2e.parse_args(args)
             assert parsed.device == "cuda"
@@ -99,7 +109,7 @@ def test_every_python_invocation_parses(dry_run, monkeypatch):
                     train_e2e.build_config(parsed, variant, pipeline)  # --opts keys and values
         elif script == "benchmarks/imagenet_like.py":
             imagenet_like.main(args)
-            assert written[-1][1:] == (8000, 500, 10)
+            assert written[-1][1:4] == (8000, 500, 10)
         else:
             pytest.fail(f"gpu_check.sh runs {script}: add its parser to this test")
         checked.add(script)
@@ -109,8 +119,6 @@ def test_every_python_invocation_parses(dry_run, monkeypatch):
 
 def cuda_test_names() -> set[str]:
     """Test functions that need CUDA: those under a decorator that mentions CUDA (a skipif, or a mark holding one)."""
-    import ast
-
     names = set()
     for path in (ROOT / "tests").glob("test_*.py"):
         tree = ast.parse(path.read_text())
@@ -182,10 +190,35 @@ def test_train_e2e_on_the_cpu_both_pipelines(tmp_path):
         assert float(real) == round(r["real_ips"], 1) and float(synthetic) == round(r["synthetic_ips"], 1)
         assert float(ratio) == round(r["real_over_synthetic"], 2)
         assert r["real_over_synthetic"] == pytest.approx(r["real_ips"] / r["synthetic_ips"])
-        assert r["real_ips"] == pytest.approx(2 * 4 / r["real_s"]) and r["synthetic_ips"] == pytest.approx(8 / r["synthetic_s"])
+        assert r["real_ips"] == pytest.approx(8 / r["real_s"])  # 2 timed steps of 4 images
+        assert r["synthetic_ips"] == pytest.approx(8 / r["synthetic_s"])
         assert (r["batch_size"], r["img_size"], r["warmup_steps"], r["timed_steps"]) == (4, 32, 2, 2)
         assert r["precision"].startswith("fp32") and r["fast_path"] and not r["compile"]
         # 4 batches from 3 per epoch: the second epoch starts after the 2 warm-up batches, inside the timed part.
         assert r["loader_batches_per_epoch"] == 3 and r["loader_restarts_timed"] == int(restarts) == 1
         assert r["num_train"] == 12
     assert "fp32 (AMP_OPT_LEVEL O0) | fast path | batch 4 x 1 micro-batch(es) at 32 px" in proc.stdout
+
+
+def test_synthetic_only_upstream_like_precision(capsys):
+    """``--synthetic-only`` needs no dataset; fp16 + GradScaler on the straightforward path, as gpu_check.sh asks."""
+    train_e2e = load_script("train_e2e")
+    argv = ["--synthetic-only", "--device", "cpu", "--img-size", "32", "--batch-size", "2", "--steps", "1"]
+    argv += ["--warmup", "1", "--opts", "MODEL.DFVT.FAST_PATH", "False", "AMP_DTYPE", "float16"]
+    rows = train_e2e.main(argv)
+    assert len(rows) == 1 and rows[0]["pipeline"] is None and rows[0]["real_ips"] is None
+    assert rows[0]["synthetic_ips"] > 0 and not rows[0]["fast_path"]
+    assert rows[0]["precision"] == "float16 autocast with GradScaler (AMP_DTYPE float16)"
+    out = capsys.readouterr().out
+    assert re.search(r"^\| tiny \| - \| - \| - \| [\d.]+ \| - \| - \|$", out, re.MULTILINE), out
+    assert "straightforward path" in out
+
+
+@pytest.mark.slow
+def test_bad_dataset_is_one_line(tmp_path):
+    proc = run([sys.executable, "benchmarks/train_e2e.py", "--data-path", str(tmp_path / "missing"), "--device", "cpu"])
+    assert (
+        proc.returncode == 2
+        and proc.stderr.startswith("error: DataError: data path")
+        and "Traceback" not in proc.stderr
+    )

@@ -249,6 +249,27 @@ def test_device_loader_normalises_bit_for_bit_and_ends_epochs():
     assert torch.equal(next(iter(moved))[0], floats)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prefetching_device_loader_matches_the_cpu():
+    """On CUDA the next batch is copied and normalised on a side stream while the caller computes on the current
+    one: every epoch must still yield each batch once, in order, with the CPU's values, however busy the caller."""
+    dataset = Pixels(20, size=64)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_uint8, pin_memory=True)
+    expected = [x for x, _ in DeviceLoader(loader, torch.device("cpu"), MEAN, STD)]
+    cuda = DeviceLoader(loader, torch.device("cuda"), MEAN, STD)
+    weight = torch.randn(4096, 4096, device="cuda")
+    for _ in range(2):
+        got = []
+        for x, y in cuda:
+            for _ in range(3):  # keep the caller's stream busy while the next batch is prepared
+                weight = (weight @ weight).tanh_()
+            got.append((x.cpu(), y.cpu()))
+            del x, y  # freed blocks may be reused by the side stream's next allocations
+        assert [y.tolist() for _, y in got] == [list(range(i, min(i + 4, 20))) for i in range(0, 20, 4)]
+        for (x, _), ref in zip(got, expected, strict=True):
+            torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+
+
 def test_random_erasing_runs_per_sample_on_the_device_loader(tmp_path):
     torch.manual_seed(0)
     random.seed(0)
