@@ -9,6 +9,9 @@ import datetime
 import logging
 import math
 import os
+import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +83,42 @@ def choose_precision(config: CfgNode, device: torch.device, cuda_bf16: bool | No
     if cuda_bf16:
         return Precision(torch.bfloat16, False, "AMP_DTYPE auto: the GPU supports bfloat16")
     return Precision(torch.float16, True, "AMP_DTYPE auto: no native bfloat16 on this GPU")
+
+
+def compile_blocker(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here, in a few words, or None when nothing stops it."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return f"this torch cannot compile on Python {platform.python_version()} ({sys.platform})"
+    except Exception as e:  # a torch build without dynamo
+        return f"torch.compile is unavailable ({e})"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # a torch without the helper: let torch.compile decide
+            return None
+        if not has_triton():
+            return "Triton, which torch.compile needs on a GPU, is not installed (pip install triton)"
+        return None
+    compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
+    if device.type == "cpu" and not any(shutil.which(c) for c in compilers if c):
+        return "torch.compile needs a C++ compiler (g++ or clang++) on the CPU and none is on PATH"
+    return None
+
+
+def maybe_compile(model: nn.Module, config: CfgNode, device: torch.device, logger: logging.Logger) -> nn.Module:
+    """``torch.compile(model)`` when ``TRAIN.COMPILE`` asks for it and it can run here; otherwise ``model``, with a
+    one-line warning saying why (the run goes on without compiling)."""
+    if not config.TRAIN.COMPILE:
+        return model
+    blocker = compile_blocker(device)
+    if blocker:
+        logger.warning(f"TRAIN.COMPILE: {blocker}; running without torch.compile")
+        return model
+    logger.info("TRAIN.COMPILE: torch.compile on; the first steps of each shape compile and take longer")
+    return torch.compile(model)
 
 
 def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:

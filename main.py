@@ -97,7 +97,7 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     complexity = complexity_summary(bare, config.DATA.IMG_SIZE, config.MODEL.DFVT.IN_CHANS)
     bare.to(env.device)
     precision = engine.choose_precision(config, env.device)
-    model = torch.compile(bare) if config.TRAIN.COMPILE else bare
+    model = engine.maybe_compile(bare, config, env.device, logger)
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

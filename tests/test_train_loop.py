@@ -243,3 +243,22 @@ def test_float16_with_grad_scaler_trains_dfvt_on_the_cpu():
     assert precision.use_scaler and stats["skipped_steps"] == 0 and stats["loss"] > 0
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_compile_falls_back_with_one_warning_when_it_cannot_run(monkeypatch, caplog):
+    import engine
+
+    model, logger = nn.Linear(2, 2), logging.getLogger("t")
+    assert engine.maybe_compile(model, load_config(), torch.device("cpu"), logger) is model  # off by default
+    on = load_config(None, ["TRAIN.COMPILE", "True"])
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert engine.maybe_compile(model, on, torch.device("cpu"), logger) is model
+    assert "TRAIN.COMPILE: torch.compile needs a C++ compiler (g++ or clang++)" in caplog.text
+    assert "running without torch.compile" in caplog.text
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    assert "this torch cannot compile on Python" in engine.compile_blocker(torch.device("cuda"))
+    monkeypatch.undo()
+    compiled = engine.maybe_compile(model, on, torch.device("cpu"), logger)  # g++ is on this machine
+    assert compiled is not model and compiled._orig_mod is model
