@@ -34,6 +34,9 @@ _C.DATA.NUM_WORKERS = "auto"  # loader workers per process; auto: the node's cor
 # fast: uint8 batches from torchvision's JPEG decoder and torch's resize, normalised, erased and prefetched on the
 # device; upstream: PIL + timm's create_transform in the workers, float batches (the released recipe, bit for bit)
 _C.DATA.PIPELINE = "fast"
+# Folder name -> class index: auto (ImageNet synsets -> ImageNet indices, folders 0..999 -> that index, other
+# names sorted), sorted (plain ImageFolder order), or a text file with one folder name per line (line = index)
+_C.DATA.CLASS_MAP = "auto"
 
 # Model (the defaults are DFvT-T)
 _C.MODEL = CN()
@@ -105,7 +108,9 @@ _C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range, as fractions of the 
 
 # Testing
 _C.TEST = CN()
-_C.TEST.CROP = True  # resize to IMG_SIZE/0.875 then centre-crop (else resize straight to IMG_SIZE)
+_C.TEST.CROP = True  # resize the short side to IMG_SIZE / CROP_PCT, then centre-crop (else resize to IMG_SIZE)
+_C.TEST.CROP_PCT = 0.875  # the centre crop's share of the resized short side (timm's crop_pct)
+_C.TEST.REAL_LABELS = ""  # ImageNet-ReaL labels (real.json): also report ReaL@1/@5 in evaluation
 
 # Throughput measurement
 _C.THROUGHPUT = CN()
