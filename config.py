@@ -24,7 +24,8 @@ _C.BASE = []  # YAML files merged before this one (paths relative to it)
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per process per micro-batch
 _C.DATA.DATA_PATH = ""  # dataset root (train/ and val/ folders, or the zip files)
-_C.DATA.DATASET = "imagenet"  # imagenet (1000 classes), folder (any ImageFolder; classes counted) or digits (demo)
+# imagenet (MODEL.NUM_CLASSES outputs; eval may hold a subset), folder (any ImageFolder; classes counted) or digits
+_C.DATA.DATASET = "imagenet"
 _C.DATA.IMG_SIZE = 224  # input side in pixels
 _C.DATA.INTERPOLATION = "bicubic"  # resize interpolation: random, bilinear or bicubic
 _C.DATA.ZIP_MODE = False  # read train.zip/val.zip with *_map.txt instead of folders
@@ -35,7 +36,8 @@ _C.DATA.NUM_WORKERS = "auto"  # loader workers per process; auto: the node's cor
 # device; upstream: PIL + timm's create_transform in the workers, float batches (the released recipe, bit for bit)
 _C.DATA.PIPELINE = "fast"
 # Folder name -> class index: auto (ImageNet synsets -> ImageNet indices, folders 0..999 -> that index, other
-# names sorted), sorted (plain ImageFolder order), or a text file with one folder name per line (line = index)
+# names sorted with DATA.DATASET folder), sorted (plain ImageFolder order), or a text file with one folder name
+# per line (line = index)
 _C.DATA.CLASS_MAP = "auto"
 
 # Model (the defaults are DFvT-T)

@@ -13,8 +13,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,12 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import atomic_save, capture_rng_state, find_resumable, load_file, model_state_of, restore_rng_state
-from data import Data
+from data import Data, RealLabels
 from errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from logger import create_tensorboard_writer
 from lr_scheduler import optimizer_steps_per_epoch
 from models import load_model_weights, load_pretrained
+from models.weights import loaded_message
 from utils import DistEnv, SmoothedValue, all_reduce_sum, state_fingerprint
 
 # ----------------------------------------------------------------------------------------------- precision and loss
@@ -183,7 +185,7 @@ class RunState:
     def load_state_dict(self, state: dict[str, Any], source: str, logger: logging.Logger) -> None:
         """Continue from ``state`` (ours or an upstream checkpoint read from ``source``): the model strictly; the
         optimizer, schedule and scaler where they fit this run (others are skipped with a warning)."""
-        load_model_weights(self.model, model_state_of(state, source), source)
+        load_model_weights(self.model, model_state_of(state, source), source, logger=logger)
         pieces = (("optimizer", self.optimizer), ("lr_scheduler", self.lr_scheduler), ("scaler", self.scaler))
         for key, target in pieces:
             if key == "scaler" and key in state and not state[key] and self.scaler.is_enabled():
@@ -236,7 +238,7 @@ def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger)
     logger.info(f"Resuming from {path}")
     ckpt = ckpt if ckpt is not None else load_file(path)
     if not (isinstance(ckpt, dict) and "epoch" in ckpt):  # weights only: the run starts at its first epoch
-        load_model_weights(run.model, model_state_of(ckpt, path), path)
+        load_model_weights(run.model, model_state_of(ckpt, path), path, logger=logger)
         return path
     run.load_state_dict(ckpt, path, logger)
     rng = ckpt.get("rng")
@@ -354,33 +356,85 @@ def train_one_epoch(
     }
 
 
+class ValFigures(NamedTuple):
+    """What :func:`validate` measured: top-1 and top-5 (%), mean cross-entropy, and ReaL@1 and ReaL@5 (%) when
+    ReaL labels were given (else None)."""
+
+    acc1: float
+    acc5: float
+    loss: float
+    real1: float | None = None
+    real5: float | None = None
+
+
 @torch.no_grad()
 def validate(
-    config: CfgNode, loader, model: nn.Module, num_classes: int, precision: Precision, env: DistEnv, logger
-) -> tuple[float, float, float]:
-    """Top-1, top-5 (%) and mean cross-entropy over the whole validation set, from counts summed over processes."""
+    config: CfgNode,
+    loader,
+    model: nn.Module,
+    num_classes: int,
+    precision: Precision,
+    env: DistEnv,
+    logger,
+    classes: Sequence[int] | None = None,
+    real: RealLabels | None = None,
+) -> ValFigures:
+    """Top-1, top-5 (%) and mean cross-entropy over the whole validation set, from counts summed over processes.
+
+    ``classes`` (the model outputs the data holds, when it holds only some of the ``num_classes``: ImageNet-A/R)
+    restricts the logits to those outputs, as timm's ``--valid-labels``: top-k (k capped at their count) and the loss
+    are computed on the restricted logits, the targets renumbered to positions in ``classes``. ``real`` (ReaL labels
+    of the dataset's images, as outputs) adds ReaL@1 (the top-1 prediction is one of the image's labels) and ReaL@5
+    (one of the top 5 is) over the images with labels; the images of each batch are the next ones of
+    ``loader.sampler``, whose order is fixed (``ShardedEvalSampler``).
+    """
     model.eval()
-    k = min(5, num_classes)
-    # correct@1, correct@k and the loss sum stay on the device, read once at the end (no per-batch host sync).
-    totals, count = torch.zeros(3, dtype=torch.float64, device=env.device), 0
+    device = env.device
+    restrict = positions = None
+    if classes is not None:
+        restrict = torch.as_tensor(list(classes), dtype=torch.int64, device=device)
+        positions = torch.full((num_classes,), -1, dtype=torch.int64, device=device)
+        positions[restrict] = torch.arange(len(restrict), device=device)
+        logger.info(f"evaluating on {len(restrict)} of {num_classes} classes (logits restricted)")
+    k = min(5, len(restrict) if restrict is not None else num_classes)
+    if real is not None:
+        order = torch.as_tensor(list(loader.sampler), dtype=torch.int64)
+        real_rows, real_counted = real.labels.to(device), real.counted.to(device)
+    # correct@1, correct@k, the loss sum and the ReaL counts (right@1, right@5, images with labels) stay on the
+    # device, read once at the end (no per-batch host sync).
+    totals, count = torch.zeros(6, dtype=torch.float64, device=device), 0
     for idx, (images, targets) in enumerate(loader):
-        images = images.to(env.device, non_blocking=True)
-        targets = targets.to(env.device, non_blocking=True)
-        with precision.autocast(env.device):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast(device):
             outputs = model(images)
         outputs = outputs.float()
-        hits = outputs.topk(k, dim=1).indices.eq(targets[:, None])
+        if restrict is not None:
+            outputs, targets = outputs.index_select(1, restrict), positions[targets]
+        top = outputs.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
         loss_sum = F.cross_entropy(outputs, targets, reduction="sum")
-        totals += torch.stack([hits[:, :1].sum(), hits.any(dim=1).sum(), loss_sum]).to(torch.float64)
+        figures = [hits[:, :1].sum(), hits.any(dim=1).sum(), loss_sum]
+        if real is not None:
+            rows = order[count : count + targets.size(0)].to(device, non_blocking=True)
+            predicted = top if restrict is None else restrict[top]  # model outputs, as the ReaL rows hold them
+            right = predicted[:, :, None].eq(real_rows[rows][:, None, :]).any(dim=2) & real_counted[rows][:, None]
+            figures += [right[:, 0].sum(), right.any(dim=1).sum(), real_counted[rows].sum()]
+        totals[: len(figures)] += torch.stack(figures).to(torch.float64)
         count += targets.size(0)
         if (idx + 1) % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx + 1}/{len(loader)}]")
-    correct1, correct5, loss_sum, count = all_reduce_sum([*totals.tolist(), count], env.device)
+    correct1, correct5, loss_sum, real1, real5, real_count, count = all_reduce_sum([*totals.tolist(), count], device)
     if count == 0:
         raise DataError("The validation set is empty; put images under <data-path>/val/<class>/.")
     acc1, acc5, loss = 100.0 * correct1 / count, 100.0 * correct5 / count, loss_sum / count
     logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} Loss {loss:.4f}")
-    return acc1, acc5, loss
+    if real is None:
+        return ValFigures(acc1, acc5, loss)
+    real1, real5 = 100.0 * real1 / real_count, 100.0 * real5 / real_count
+    logger.info(f" * ReaL@1 {real1:.3f} ReaL@5 {real5:.3f}")
+    logger.info(f"ReaL: {int(real_count)} of {int(count)} images have ReaL labels ({real.path})")
+    return ValFigures(acc1, acc5, loss, real1, real5)
 
 
 @torch.no_grad()
@@ -453,7 +507,7 @@ def train(
         if env.distributed:
             # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
             distribute_bn(model, env.world_size, reduce=True)
-        acc1, acc5, val_loss = validate(config, data.val, model, data.info.num_classes, precision, env, logger)
+        acc1, acc5, val_loss = validate(config, data.val, model, data.info.num_classes, precision, env, logger)[:3]
         if writer is not None:
             scalars = {
                 "train/epoch_time_s": stats["epoch_time"],
@@ -486,8 +540,11 @@ def evaluate(
     if not config.MODEL.RESUME:
         raise CheckpointError("--eval needs the checkpoint to evaluate: add --resume CKPT.")
     path = config.MODEL.RESUME
-    load_model_weights(bare, model_state_of(load_file(path), path), path)
-    logger.info(f"Loaded model weights from {path} (strict: every key and shape matched)")
-    acc1, _, _ = validate(config, data.val, model, data.info.num_classes, precision, env, logger)
-    logger.info(f"Accuracy of the network on the {data.info.num_val} test images: {acc1:.1f}%")
+    notes = load_model_weights(bare, model_state_of(load_file(path), path), path, logger=logger)
+    logger.info(loaded_message(path, notes))
+    info = data.info
+    acc1 = validate(
+        config, data.val, model, info.num_classes, precision, env, logger, info.class_indices, data.real_labels
+    ).acc1
+    logger.info(f"Accuracy of the network on the {info.num_val} test images: {acc1:.1f}%")
     return acc1

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import engine
 from config import get_default_config, update_config
-from data import Data, build_loader
+from data import Data, build_loader, describe_eval_transform
 from errors import ConfigError, DFvTError
 from logger import create_logger
 from lr_scheduler import LearningRates, build_scheduler, linear_scaled_lrs, optimizer_steps_per_epoch
@@ -67,8 +67,12 @@ def run_summary(
         i = data.info
         split = f"{i.num_train} train, {i.num_val} val images" if i.num_train is not None else f"{i.num_val} val images"
         zipped = " (zip)" if config.DATA.ZIP_MODE else ""
-        lines.append(f"Data: {config.DATA.DATASET} {i.root}{zipped} | {i.num_classes} classes | {split}")
+        classes = f"{i.num_classes} classes"
+        if i.class_indices is not None:
+            classes = f"{len(i.class_indices)} of the model's {i.num_classes} classes"
+        lines.append(f"Data: {config.DATA.DATASET} {i.root}{zipped} | {classes} | {split}")
         lines.append(f"Loader: {config.DATA.PIPELINE} pipeline | {data.num_workers} worker(s) per process")
+        lines.append(f"Eval transform: {describe_eval_transform(config)}")
     lines.append(
         f"Precision: {precision.describe()} | batch {batch} per process x {env.world_size} process(es) x {accum} "
         f"accumulation step(s) = {batch * env.world_size * accum}"

@@ -30,11 +30,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
-from checkpoint import load_file, model_state_of
 from config import load_config
 from data import build_transform, build_uint8_transform, load_rgb_image, normalize_uint8, read_encoded
 from errors import CheckpointError, ConfigError, DataError
-from models import DFvT, build_model, load_model_weights
+from models import DFvT, load_checkpoint_model
 
 IMAGENET_CLASSES = 1000
 
@@ -88,16 +87,15 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
 
 def load_classifier(args: argparse.Namespace) -> tuple[DFvT, CfgNode, Any]:
     """The config's model with the checkpoint's class count, loaded strictly; the config; the checkpoint."""
-    ckpt = load_file(args.resume)
-    state = model_state_of(ckpt, args.resume)
-    if "head.weight" not in state:
+    config = load_config(args.cfg, args.opts)
+    model, ckpt, notes = load_checkpoint_model(config, args.resume)
+    if model.num_classes == 0:
         raise CheckpointError(
             f"Checkpoint {args.resume} has no classifier (no head.weight); pass a trained classifier."
         )
-    config = load_config(args.cfg, args.opts)
-    model = build_model(config, num_classes=state["head.weight"].shape[0])
-    load_model_weights(model, state, args.resume)
-    return model.eval(), config, ckpt
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return model, config, ckpt
 
 
 def read_class_names(source: str, num_classes: int) -> list[str]:

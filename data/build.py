@@ -1,5 +1,6 @@
 """``build_loader(config)``: datasets, distributed loaders and Mixup from the config, after checking the data, and
-what the data decides (class count and names) as a :class:`DataInfo`; the config is never changed."""
+what the data decides (class count, names and map; the ReaL labels of evaluation) as a :class:`DataInfo` and
+:class:`Data`; the config is never changed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from yacs.config import CfgNode
 
 from errors import ConfigError, DataError
 
+from .class_map import ClassLayout, RealLabels, class_layout, load_real_labels
 from .device import DeviceLoader, collate_uint8
 from .digits import prepare_digits
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
@@ -34,9 +36,14 @@ class DataInfo:
 
     Args:
         root: the folder the data was read from (for the digits demo, where it was written).
-        num_classes: classes of the model's head (counted from the folders, or max label + 1 of the zip maps).
-        class_names: the class folders in label order, or None (zip maps carry labels only).
+        num_classes: classes of the model's head: counted from the folders (``folder``, ``digits``), or
+            ``MODEL.NUM_CLASSES`` (``imagenet`` folders), or max label + 1 of the zip maps.
+        class_names: the class folders in label order (by the model output they are, see ``DATA.CLASS_MAP``), or
+            None (zip maps carry labels only).
         num_train, num_val: images in the training split (None when it is not read) and the validation split.
+        class_indices: the model output (= label) of each of ``class_names`` when the folders hold only some of the
+            ``num_classes`` outputs (ImageNet-A/R in ``EVAL_MODE``): evaluation restricts the logits to these. None
+            when class ``i`` of ``class_names`` is output ``i`` for every output.
     """
 
     root: Path
@@ -44,18 +51,21 @@ class DataInfo:
     class_names: tuple[str, ...] | None
     num_train: int | None
     num_val: int
+    class_indices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Data:
     """The loaders of one process, yielding model-ready batches on its device; ``train`` and ``mixup_fn`` are None
-    in ``EVAL_MODE``; ``num_workers`` is the loader worker count ``DATA.NUM_WORKERS`` resolved to."""
+    in ``EVAL_MODE``; ``num_workers`` is the loader worker count ``DATA.NUM_WORKERS`` resolved to; ``real_labels``
+    the ReaL labels of the validation images (``TEST.REAL_LABELS`` in ``EVAL_MODE``), else None."""
 
     info: DataInfo
     train: DeviceLoader | None
     val: DeviceLoader
     mixup_fn: Mixup | None
     num_workers: int = 0
+    real_labels: RealLabels | None = None
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -72,6 +82,11 @@ def _check_config(config: CfgNode) -> None:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} must be one of {', '.join(CACHE_MODES)}.")
     if config.DATA.ZIP_MODE and config.DATA.DATASET == "digits":
         raise ConfigError("DATA.DATASET digits is written as folders; turn DATA.ZIP_MODE off (drop --zip).")
+    if config.DATA.ZIP_MODE and str(config.DATA.CLASS_MAP).strip() != "auto":
+        raise ConfigError(
+            f"DATA.CLASS_MAP {config.DATA.CLASS_MAP!r} maps class folders, but in zip mode (--zip) the map files "
+            f"carry the labels; leave DATA.CLASS_MAP auto and write the labels you want into train_map.txt/val_map.txt."
+        )
     if config.DATA.BATCH_SIZE < 1:
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be positive.")
     resolve_num_workers(config.DATA.NUM_WORKERS)
@@ -127,8 +142,8 @@ def _check_num_classes(config: CfgNode, num_classes: int, root: Path) -> None:
 
 def _build_datasets(
     config: CfgNode, root: Path, train: bool, rank: int, world: int
-) -> tuple[Dataset | None, Dataset, int, tuple[str, ...] | None]:
-    """Check the data under ``root``, then build the (train, val) datasets; also the class count and names."""
+) -> tuple[Dataset | None, Dataset, ClassLayout]:
+    """Check the data under ``root``, then build the (train, val) datasets; also the model's outputs for them."""
     fast = config.DATA.PIPELINE == "fast"
     make_transform = build_uint8_transform if fast else build_transform
     tf_train = make_transform(True, config) if train else None
@@ -149,13 +164,16 @@ def _build_datasets(
             if train
             else None
         )
-        return ds_train, ds_val, num_classes, None
+        return ds_train, ds_val, ClassLayout(num_classes, None, None, None, None)
     val_classes = check_split_folder(root, "val")
     if train:
         check_same_classes(root, check_split_folder(root, "train"), val_classes)
-    _check_num_classes(config, len(val_classes), root)
-    ds_train = build_image_folder(root, "train", tf_train, load) if train else None
-    return ds_train, build_image_folder(root, "val", tf_val, load), len(val_classes), tuple(val_classes)
+    layout = class_layout(config, val_classes, root / "val")
+    # Sorted folders labelled 0, 1, ... are ImageFolder's own labels: no map needed.
+    labels = None if layout.labels == {name: i for i, name in enumerate(val_classes)} else layout.labels
+    ds_train = build_image_folder(root, "train", tf_train, load, labels) if train else None
+    ds_val = build_image_folder(root, "val", tf_val, load, labels)
+    return ds_train, ds_val, layout
 
 
 def _train_sampler(config: CfgNode, dataset: Dataset, root: Path, rank: int, world: int) -> Sampler[int]:
@@ -179,14 +197,21 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
 
     The loaders yield normalised float batches on ``device`` (:class:`DeviceLoader`); with ``DATA.PIPELINE fast``
     the workers send uint8 batches, normalised and randomly erased on ``device``. In ``EVAL_MODE`` the training
-    loader and ``mixup_fn`` are None. Unusable data raises :class:`DataError` before anything is loaded.
+    loader and ``mixup_fn`` are None. ``DATA.CLASS_MAP`` labels the class folders (:mod:`data.class_map`);
+    ``TEST.REAL_LABELS`` is read in ``EVAL_MODE``. Unusable data raises :class:`DataError` before anything is loaded.
     """
     _check_config(config)
     rank, world = dist_rank_world()
     train = not config.EVAL_MODE
     root = _data_root(config)
-    ds_train, ds_val, num_classes, class_names = _build_datasets(config, root, train, rank, world)
-    info = DataInfo(root, num_classes, class_names, len(ds_train) if ds_train is not None else None, len(ds_val))
+    ds_train, ds_val, layout = _build_datasets(config, root, train, rank, world)
+    num_classes = layout.num_classes
+    num_train = len(ds_train) if ds_train is not None else None
+    info = DataInfo(root, num_classes, layout.class_names, num_train, len(ds_val), layout.class_indices)
+    real = None
+    if config.EVAL_MODE and config.TEST.REAL_LABELS:
+        paths = [str(sample) for sample, _ in ds_val.samples]  # ImageFolder paths, or zip members
+        real = load_real_labels(config.TEST.REAL_LABELS, paths, layout.imagenet_indices, num_classes)
 
     device = torch.device(device)
     workers = resolve_num_workers(config.DATA.NUM_WORKERS)
@@ -212,4 +237,4 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
     val_sampler = ShardedEvalSampler(len(ds_val), rank, world)
     loader_val = DeviceLoader(DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common), device, mean, std)
     mixup_fn = build_mixup(config, num_classes) if train else None
-    return Data(info, loader_train, loader_val, mixup_fn, workers)
+    return Data(info, loader_train, loader_val, mixup_fn, workers, real)

@@ -64,9 +64,31 @@ def check_same_classes(root: Path, train: list[str], val: list[str]) -> None:
     )
 
 
+class MappedImageFolder(ImageFolder):
+    """``ImageFolder`` whose class folders get the labels ``class_to_idx`` gives (a class map) instead of their sorted
+    positions; the samples keep ImageFolder's order (by folder name, then file name)."""
+
+    def __init__(
+        self, root: str, class_to_idx: dict[str, int], transform: Callable | None, loader: Callable[[str], Any]
+    ) -> None:
+        self._class_to_idx = dict(class_to_idx)
+        super().__init__(root, transform=transform, loader=loader)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class names ordered by label, and the labels of the map."""
+        return sorted(self._class_to_idx, key=lambda name: (self._class_to_idx[name], name)), dict(self._class_to_idx)
+
+
 def build_image_folder(
-    root: Path, split: str, transform: Callable | None, loader: Callable[[str], Any] = load_rgb_image
+    root: Path,
+    split: str,
+    transform: Callable | None,
+    loader: Callable[[str], Any] = load_rgb_image,
+    class_to_idx: dict[str, int] | None = None,
 ) -> ImageFolder:
     """``ImageFolder`` over ``root/split`` (run :func:`check_split_folder` first); ``loader`` reads one file (PIL RGB
-    by default; ``images.read_encoded`` for the fast pipeline)."""
-    return ImageFolder(str(root / split), transform=transform, loader=loader)
+    by default; ``images.read_encoded`` for the fast pipeline); ``class_to_idx`` labels the class folders (default:
+    their sorted positions, as ImageFolder does)."""
+    if class_to_idx is None:
+        return ImageFolder(str(root / split), transform=transform, loader=loader)
+    return MappedImageFolder(str(root / split), class_to_idx, transform, loader)

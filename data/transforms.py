@@ -39,7 +39,6 @@ EVAL_INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
     "random": InterpolationMode.BILINEAR,
 }
-EVAL_CROP_PCT = 0.875  # TEST.CROP: resize the short side to IMG_SIZE / 0.875, then centre-crop IMG_SIZE
 
 
 def _check(config: CfgNode) -> None:
@@ -52,6 +51,8 @@ def _check(config: CfgNode) -> None:
         raise ConfigError(f"AUG.SCALE {scale} must be (min, max) area fractions with 0 < min <= max <= 1.")
     if not 0 <= config.AUG.HFLIP <= 1:
         raise ConfigError(f"AUG.HFLIP {config.AUG.HFLIP} must be a probability in [0, 1].")
+    if not 0 < config.TEST.CROP_PCT <= 1:
+        raise ConfigError(f"TEST.CROP_PCT {config.TEST.CROP_PCT} must be in (0, 1] (the crop's share of the resize).")
     if config.DATA.PIPELINE not in PIPELINES:
         raise ConfigError(f"DATA.PIPELINE {config.DATA.PIPELINE!r} must be one of {', '.join(PIPELINES)}.")
 
@@ -108,8 +109,26 @@ def _eval_resize(config: CfgNode, tensors: bool = False) -> list[Callable]:
     size, mode = config.DATA.IMG_SIZE, EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
     t = T2 if tensors else transforms
     if config.TEST.CROP:
-        return [t.Resize(int(size / EVAL_CROP_PCT), interpolation=mode), t.CenterCrop(size)]
+        return [t.Resize(eval_resize_side(config), interpolation=mode), t.CenterCrop(size)]
     return [t.Resize((size, size), interpolation=mode)]
+
+
+def eval_resize_side(config: CfgNode) -> int:
+    """The short side evaluation resizes to before the centre crop: ``int(IMG_SIZE / TEST.CROP_PCT)``
+    (timm's ``crop_pct``; 256 for 224 at the default 0.875)."""
+    return int(config.DATA.IMG_SIZE / config.TEST.CROP_PCT)
+
+
+def describe_eval_transform(config: CfgNode) -> str:
+    """The evaluation resize and crop in words, for the run summary."""
+    _check(config)
+    size, mode = config.DATA.IMG_SIZE, EVAL_INTERPOLATION[config.DATA.INTERPOLATION].value
+    if config.TEST.CROP:
+        return (
+            f"resize the short side to {eval_resize_side(config)} ({mode}), centre crop {size}x{size} "
+            f"(TEST.CROP_PCT {config.TEST.CROP_PCT:g})"
+        )
+    return f"resize to {size}x{size} ({mode}, TEST.CROP False)"
 
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:

@@ -41,6 +41,7 @@ KWARG_TO_CONFIG_KEY = {
     "drop_rate": ("MODEL.DROP_RATE", float),
     "drop_path_rate": ("MODEL.DROP_PATH_RATE", float),
     "img_size": ("DATA.IMG_SIZE", int),
+    "window_size": ("MODEL.DFVT.WINDOW_SIZE", int),
     "in_chans": ("MODEL.DFVT.IN_CHANS", int),
 }
 
@@ -109,6 +110,9 @@ def create(variant: str, pretrained: bool = False, weights: str | os.PathLike | 
         raise ValueError(f"{variant} has no timm feature-extraction wrapper; use model.forward_features(x).")
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     model = build_model_with_cfg(functools.partial(_build, variant), variant, pretrained=False, **kwargs)
+    side = model.patch_embed.img_size
+    if side != model.pretrained_cfg["input_size"][-1]:  # built for another size: the data config follows it
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, side, side), "pool_size": (side // 32,) * 2}
     if pretrained:
         file = model.pretrained_cfg.get("file")
         if not file or not os.path.isfile(file):

@@ -19,7 +19,7 @@ LAYERS = [
     {"models", "data"},
     {"optimizer", "lr_scheduler"},
     {"engine"},
-    {"main", "predict", "hubconf", "benchmarks"},
+    {"main", "predict", "hubconf", "benchmarks", "export"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -66,7 +66,7 @@ def test_eval_of_the_checkpoint_reproduces_the_training_validation(trained):
     eval_out = out.parent / "eval1"
     proc = check(run([sys.executable, *main_args(data, eval_out, "--eval", "--resume", str(ckpt))]))
     assert summaries(proc.stdout) == summaries(log_of(out))
-    assert "Loaded model weights" in proc.stdout and "(strict: every key and shape matched)" in proc.stdout
+    assert "Loaded weights from" in proc.stdout and "(strict: every key and shape matched)" in proc.stdout
 
 
 def test_throughput_without_and_with_data(trained):

@@ -19,7 +19,7 @@ from torch import nn
 import hubconf
 from checkpoint import atomic_save, load_file
 from config import load_config
-from errors import CheckpointError
+from errors import CheckpointError, ConfigError
 from models import VARIANTS as RELEASED
 from models import DFvT, build_model
 from tests.helpers import ROOT, SUMMARY, Hostile, check, run, upstream_checkpoint, write_image_folder
@@ -106,8 +106,10 @@ def test_keyword_overrides():
     assert model.num_classes == 10 and model.get_classifier().out_features == 10
     assert model.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.3)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(TypeError, match="window_size"):
-        timm.create_model("dfvt_tiny", window_size=8)
+    with pytest.raises(ConfigError, match="MODEL.DFVT.WINDOW_SIZE 8 windows cannot tile"):
+        timm.create_model("dfvt_tiny", window_size=8)  # accepted keyword, but 8x8 windows do not tile 224
+    with pytest.raises(TypeError, match="unsupported keyword argument.* window_size"):
+        timm.create_model("dfvt_tiny", window=8)
     with pytest.raises(ValueError, match="not square"):
         timm.create_model("dfvt_tiny", img_size=(32, 64))
 

@@ -1,0 +1,164 @@
+"""Weights of one image size / window size in a model built for another (Swin's bicubic bias-table resize), the
+``window_size`` keyword of the entry points, ``configs/finetune_384.yaml``, ``TEST.CROP_PCT`` and the class-count
+hint."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import main
+import models  # noqa: F401  (registers the timm entry points)
+from config import CONFIGS_DIR, load_config
+from data import build_transform, build_uint8_transform, describe_eval_transform
+from errors import CheckpointError, ConfigError
+from models import build_model, load_model_weights, load_pretrained
+from tests.helpers import build, load_fixture_weights, log_of, main_args, summaries, upstream_checkpoint
+
+
+def bias_table_by_hand(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """The reference resize, one head at a time: ``(2w-1)² × H`` -> ``rows × H`` with plain bicubic F.interpolate."""
+    side, new = int(math.sqrt(table.shape[0])), int(math.sqrt(rows))
+    heads = [
+        F.interpolate(table[:, h].reshape(1, 1, side, side), size=(new, new), mode="bicubic").reshape(-1)
+        for h in range(table.shape[1])
+    ]
+    return torch.stack(heads, dim=1)
+
+
+def reference_model(source: dict[str, torch.Tensor], *opts: str) -> torch.nn.Module:
+    """The straightforward path built with ``opts``, its tables resized by hand from ``source``; its own buffers."""
+    model = build("tiny", "MODEL.DFVT.FAST_PATH", "False", *opts).double()
+    state = model.state_dict()
+    for key, value in source.items():
+        if key.endswith(("relative_position_index", "attn_mask")) or key not in state:
+            continue
+        state[key] = bias_table_by_hand(value, state[key].shape[0]) if value.shape != state[key].shape else value
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_resized_model_equals_a_hand_resized_reference():
+    source = load_fixture_weights(build("tiny")).double().state_dict()  # trained at 224 with 7x7 windows
+    opts = ("DATA.IMG_SIZE", "192", "MODEL.DFVT.WINDOW_SIZE", "6")  # grids 24, 12, 6, 6: 6x6 windows, some shifted
+    model = build("tiny", *opts).double().eval()
+    notes = load_model_weights(model, source, "fixture.pth")
+    assert notes == [
+        "5 relative position bias tables resized bicubically from 13x13 to 11x11 per head (window 7 -> 6): "
+        "layers.0.blocks.0.attn, layers.1.blocks.0.attn, layers.2.blocks.0.attn, layers.2.blocks.1.attn, "
+        "layers.3.blocks.0.attn"
+    ]
+    assert model.layers[1].blocks[0].attn.relative_position_index.shape == (36, 36)  # rebuilt, not the file's
+    x = torch.randn(2, 3, 192, 192, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model(x) - reference_model(source, *opts)(x)).abs().max() < 1e-9
+
+
+def test_pretrained_and_timm_and_hub_at_384_with_window_12(tmp_path, caplog):
+    source = load_fixture_weights(build("tiny"))
+    path = tmp_path / "upstream.pth"
+    torch.save(upstream_checkpoint(source), path)  # the upstream format, read by the safe loader
+    finetune = load_config(str(CONFIGS_DIR / "finetune_384.yaml"))
+    assert (finetune.DATA.IMG_SIZE, finetune.MODEL.DFVT.WINDOW_SIZE, finetune.TEST.CROP) == (384, 12, False)
+    model = build_model(finetune).eval()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, path, logging.getLogger("t"))
+    assert "resized bicubically from 13x13 to 23x23 per head (window 7 -> 12)" in caplog.text
+    assert "bias tables resized as logged" in caplog.text
+    via_timm = timm.create_model(
+        "dfvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=384, window_size=12
+    ).eval()
+    via_hub = torch.hub.load(str(CONFIGS_DIR.parent), "dfvt_tiny", source="local", weights=path, img_size=384,
+                             window_size=12).eval()  # fmt: skip
+    assert via_timm.pretrained_cfg["input_size"] == (3, 384, 384)
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        expected = reference_model(
+            source.double().state_dict(), *("DATA.IMG_SIZE", "384", "MODEL.DFVT.WINDOW_SIZE", "12")
+        )
+        ref = expected(x.double()).float()
+        for m in (model, via_timm, via_hub):
+            assert (m(x) - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_a_layout_the_windows_cannot_tile_names_the_key():
+    with pytest.raises(ConfigError, match=r"DATA.IMG_SIZE 384 gives a 48x48 token grid .* MODEL.DFVT.WINDOW_SIZE 7"):
+        build("tiny", "DATA.IMG_SIZE", "384")
+    with pytest.raises(TypeError, match="window_size"):  # a typo'd keyword is still refused
+        timm.create_model("dfvt_tiny", window=12)
+
+
+def test_eval_and_pretrained_runs_at_another_size(tmp_path):
+    """main.py: a checkpoint trained at 32 pixels evaluated at 64 with 8x8 windows (tables resized, logged), and
+    fine-tuned from at 64."""
+    from tests.helpers import write_image_folder
+
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main.main([str(a) for a in main_args(data, out)[1:]]) == 0
+    ckpt = out / "dfvt_tiny" / "t" / "ckpt_epoch_0.pth"
+    bigger = ("DATA.IMG_SIZE", "64", "MODEL.DFVT.WINDOW_SIZE", "8")
+    args = main_args(data, tmp_path / "eval", "--eval", "--resume", ckpt, opts=bigger)
+    assert main.main([str(a) for a in args[1:]]) == 0
+    log = log_of(tmp_path / "eval")
+    assert re.search(
+        r"1 relative position bias table resized bicubically from 7x7 to 15x15 per head \(window 4 -> 8\)", log
+    )
+    assert "Eval transform: resize the short side to 73 (bicubic), centre crop 64x64 (TEST.CROP_PCT 0.875)" in log
+    assert len(summaries(log)) == 1
+    args = main_args(data, tmp_path / "ft", "--pretrained", ckpt, opts=bigger)
+    assert main.main([str(a) for a in args[1:]]) == 0
+    assert "resized bicubically" in log_of(tmp_path / "ft") and len(summaries(log_of(tmp_path / "ft"))) == 1
+
+
+def test_crop_pct_sets_the_eval_resize(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (10, 200, 30))
+    config = load_config(None, ["TEST.CROP_PCT", "0.95"])
+    assert (
+        describe_eval_transform(config)
+        == "resize the short side to 235 (bicubic), centre crop 224x224 (TEST.CROP_PCT 0.95)"
+    )
+    resize = build_transform(False, config).transforms[0]
+    assert resize.size == 235 and build_transform(False, config)(image).shape == (3, 224, 224)
+    assert build_uint8_transform(False, config).resize.transforms[0].size == [235]
+    whole = load_config(None, ["TEST.CROP", "False"])
+    assert describe_eval_transform(whole) == "resize to 224x224 (bicubic, TEST.CROP False)"
+    for bad in ("0.0", "1.5"):
+        with pytest.raises(ConfigError, match=rf"TEST.CROP_PCT {bad} must be in \(0, 1\]"):
+            build_transform(False, load_config(None, ["TEST.CROP_PCT", bad]))
+
+
+def test_head_mismatch_is_called_a_class_count_problem():
+    imagenet = build("tiny").state_dict()
+    model = build("tiny", "MODEL.NUM_CLASSES", "3")
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(model, imagenet, "dfvt_tiny.pth")
+    message = str(info.value)
+    assert "has a 1000-class head and this model 3 classes: a class-count mismatch, not another variant" in message
+    assert "--pretrained dfvt_tiny.pth" in message and "DATA.CLASS_MAP" in message and "looks like" not in message
+    other_variant = build("small").state_dict()
+    with pytest.raises(CheckpointError, match="this looks like DFvT-S: use configs/small.yaml"):
+        load_model_weights(build("tiny"), other_variant, "dfvt_small.pth")
+
+
+def test_predict_at_another_size_says_what_it_resized(tmp_path, capsys):
+    import predict
+    from tests.helpers import write_image_folder
+
+    model = build("tiny", "DATA.IMG_SIZE", "32")
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0}, ckpt)
+    image = next((write_image_folder(tmp_path / "data") / "val" / "a").iterdir())
+    args = ["--cfg", "configs/tiny.yaml", "--resume", str(ckpt), str(image), "--json"]
+    code = predict.main([*args, "--opts", "DATA.IMG_SIZE", "64", "MODEL.DFVT.WINDOW_SIZE", "8"])
+    out = capsys.readouterr()
+    assert code == 0 and "note: 1 relative position bias table resized bicubically from 7x7 to 15x15" in out.err
+    assert len(__import__("json").loads(out.out)["images"]) == 1
