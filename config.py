@@ -80,6 +80,20 @@ _C.TRAIN.AUTO_RESUME = True  # resume from the newest complete checkpoint in the
 _C.TRAIN.ACCUMULATION_STEPS = 1  # micro-batches per optimizer step
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing of the transformer blocks (saves memory)
 _C.TRAIN.COMPILE = False  # torch.compile the model (opt-in)
+_C.TRAIN.LAYER_DECAY = 1.0  # layer-wise LR decay for fine-tuning: stage i's LR x DECAY^(last layer id - its id)
+
+# Exponential moving average of the weights and buffers, updated after each optimizer step
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLE = False
+_C.TRAIN.EMA.DECAY = 0.9998
+
+# Knowledge distillation from a teacher's logits (DeiT's soft/hard losses on the single head)
+_C.TRAIN.DISTILL = CN()
+_C.TRAIN.DISTILL.TEACHER = ""  # a timm model name or a config file ("": off)
+_C.TRAIN.DISTILL.CHECKPOINT = ""  # the teacher's weights (read safely)
+_C.TRAIN.DISTILL.TYPE = "soft"  # soft (KL of tempered softmaxes) or hard (the teacher's top-1 as the label)
+_C.TRAIN.DISTILL.ALPHA = 0.5  # weight of the distillation term; 1 - ALPHA goes to the usual loss
+_C.TRAIN.DISTILL.TAU = 1.0  # temperature of the soft loss
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine, linear or step
@@ -112,6 +126,7 @@ _C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range, as fractions of the 
 _C.TEST = CN()
 _C.TEST.CROP = True  # resize the short side to IMG_SIZE / CROP_PCT, then centre-crop (else resize to IMG_SIZE)
 _C.TEST.CROP_PCT = 0.875  # the centre crop's share of the resized short side (timm's crop_pct)
+_C.TEST.USE_EMA = False  # evaluate / predict / export with the checkpoint's EMA weights (model_ema)
 _C.TEST.REAL_LABELS = ""  # ImageNet-ReaL labels (real.json): also report ReaL@1/@5 in evaluation
 
 # Throughput measurement
@@ -128,6 +143,7 @@ _C.AMP_DTYPE = "auto"
 _C.OUTPUT = "output"  # output root; runs go to OUTPUT/MODEL.NAME/TAG
 _C.TAG = "default"  # run tag
 _C.SAVE_FREQ = 1  # checkpoint every SAVE_FREQ epochs (also at the last epoch and on a new best)
+_C.SAVE_KEEP = 3  # epoch checkpoints kept (the newest; 0 keeps all), besides ckpt_best.pth
 _C.PRINT_FREQ = 10  # log every PRINT_FREQ steps
 _C.SEED = 0  # random seed (offset by the rank)
 _C.EVAL_MODE = False  # evaluate only
