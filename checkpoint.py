@@ -1,6 +1,6 @@
-"""Checkpoint files: atomic saving, safe reading (ours and the upstream format), the newest resumable file of a run,
-and the random-generator states a checkpoint carries. Nothing here knows the model (``models.weights`` loads weights
-into one)."""
+"""Checkpoint files: atomic saving and copying, safe reading (ours and the upstream format), the newest resumable file
+of a run and the retention of older ones, and the random-generator states a checkpoint carries. Nothing here knows
+the model (``models.weights`` loads weights into one)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -26,8 +28,16 @@ CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` so that a crash at any moment leaves the old file or the new one, never a torn one.
+def _fsync_folder(folder: str) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(file)`` so that a crash at any moment leaves the old ``path`` or the new one, never a torn one.
 
     Writes a temporary file in the same folder, flushes and fsyncs it, renames it over ``path``
     and fsyncs the folder so the rename itself is durable.
@@ -37,7 +47,7 @@ def atomic_save(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,11 +55,52 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+    _fsync_folder(folder)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(source: str, path: str) -> None:
+    """``path`` becomes a complete copy of the finished file ``source``, atomically: a hard link when the
+    filesystem allows (no bytes written), else a byte copy through :func:`atomic_write`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}.{os.getpid()}.link")
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        with open(source, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f))
+        return
+    _fsync_folder(folder)
+
+
+def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """``(epoch, path)`` of every ``ckpt_epoch_<N>.pth`` in ``folder``, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "ckpt_epoch_*.pth")):
+        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` epoch checkpoints of ``folder`` (``keep`` 0: delete none); returns the
+    deleted paths. Call it only once the newest checkpoint is complete on disk."""
+    if keep <= 0:
+        return []
+    old = [path for _, path in epoch_checkpoints(folder)[:-keep]]
+    for path in old:
+        os.unlink(path)
+    return old
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -165,8 +216,16 @@ def load_file(path: str) -> Any:
         raise CheckpointError(f"{corrupt} ({_first_line(e)})") from e
 
 
-def model_state_of(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
-    """The model ``state_dict`` inside a checkpoint (``ckpt["model"]``) or a raw state_dict file."""
+def model_state_of(ckpt: Any, path: str, key: str = "model") -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` inside a checkpoint (``ckpt[key]``: ``model``, or ``model_ema`` for the weight
+    average) or a raw state_dict file."""
+    if key != "model":
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)):
+            raise CheckpointError(
+                f"Checkpoint {path} has no {key!r} weights (was it trained with TRAIN.EMA.ENABLE?); "
+                f"drop TEST.USE_EMA to use its model weights."
+            )
+        return {strip_wrapper_prefixes(k): v for k, v in ckpt[key].items()}
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
@@ -179,12 +238,7 @@ def model_state_of(ckpt: Any, path: str) -> dict[str, torch.Tensor]:
 
 def find_resumable(folder: str, logger: logging.Logger) -> tuple[str, Any] | None:
     """The newest ``ckpt_epoch_<N>.pth`` in ``folder`` that loads, with its contents; broken ones are skipped."""
-    candidates = []
-    for path in glob.glob(os.path.join(folder, "ckpt_epoch_*.pth")):
-        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
-        if match:
-            candidates.append((int(match.group(1)), path))
-    for _, path in sorted(candidates, reverse=True):
+    for _, path in reversed(epoch_checkpoints(folder)):
         try:
             ckpt = load_file(path)
         except CheckpointError as e:

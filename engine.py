@@ -5,7 +5,9 @@ one ``state_dict()``, resuming and saving it, and the epoch loop. ``main.py`` bu
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import logging
 import math
 import os
@@ -20,12 +22,23 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import distribute_bn
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from yacs.config import CfgNode
 
-from checkpoint import atomic_save, capture_rng_state, find_resumable, load_file, model_state_of, restore_rng_state
+from checkpoint import (
+    atomic_copy,
+    atomic_save,
+    atomic_write,
+    capture_rng_state,
+    find_resumable,
+    load_file,
+    model_state_of,
+    prune_checkpoints,
+    restore_rng_state,
+)
 from data import Data, RealLabels
+from distillation import DistillationLoss, with_distillation
 from errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from logger import create_tensorboard_writer
 from lr_scheduler import optimizer_steps_per_epoch
@@ -146,14 +159,26 @@ def memory_note(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------- the run's state
 
 
+def build_ema(config: CfgNode, model: nn.Module) -> ModelEmaV3 | None:
+    """timm's ``ModelEmaV3`` of ``model`` (weights and floating buffers; integer buffers copied) when
+    ``TRAIN.EMA.ENABLE``: after each optimizer step ``ema = DECAY * ema + (1 - DECAY) * model``."""
+    if not config.TRAIN.EMA.ENABLE:
+        return None
+    decay = float(config.TRAIN.EMA.DECAY)
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"TRAIN.EMA.DECAY {config.TRAIN.EMA.DECAY} must be in (0, 1), e.g. 0.9998.")
+    return ModelEmaV3(model, decay=decay)
+
+
 class RunState:
-    """What a training run carries from epoch to epoch: model, optimizer, LR schedule, grad scaler, the next epoch
-    and the best validation top-1 so far; ``state_dict()`` is the checkpoint's training part.
+    """What a training run carries from epoch to epoch: model, optimizer, LR schedule, grad scaler, the weight
+    average, the next epoch and the best validation top-1 so far; ``state_dict()`` is the checkpoint's training part.
 
     Args:
         model: the bare model (not a DDP or compiled wrapper).
         optimizer, lr_scheduler, scaler: the run's optimizer, timm scheduler and ``torch.amp.GradScaler``.
         next_epoch: the first epoch still to run.
+        ema: the weight average (:func:`build_ema`), or None.
     """
 
     def __init__(
@@ -163,17 +188,19 @@ class RunState:
         lr_scheduler: Any,
         scaler: torch.amp.GradScaler,
         next_epoch: int = 0,
+        ema: ModelEmaV3 | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scaler = scaler
         self.next_epoch = next_epoch
+        self.ema = ema
         self.max_accuracy = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (loadable with ``weights_only``); ``epoch`` is the last finished one."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -181,11 +208,21 @@ class RunState:
             "epoch": self.next_epoch - 1,
             "max_accuracy": self.max_accuracy,
         }
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], source: str, logger: logging.Logger) -> None:
         """Continue from ``state`` (ours or an upstream checkpoint read from ``source``): the model strictly; the
-        optimizer, schedule and scaler where they fit this run (others are skipped with a warning)."""
+        weight average, optimizer, schedule and scaler where they fit this run (others are skipped with a warning;
+        a missing weight average starts from the loaded weights)."""
         load_model_weights(self.model, model_state_of(state, source), source, logger=logger)
+        if self.ema is not None:
+            if isinstance(state.get("model_ema"), dict):
+                load_model_weights(self.ema.module, model_state_of(state, source, "model_ema"), source)
+            else:
+                self.ema.set(self.model)
+                logger.warning(f"{source}: no weight average (model_ema) saved; the EMA starts from its weights")
         pieces = (("optimizer", self.optimizer), ("lr_scheduler", self.lr_scheduler), ("scaler", self.scaler))
         for key, target in pieces:
             if key == "scaler" and key in state and not state[key] and self.scaler.is_enabled():
@@ -201,6 +238,38 @@ class RunState:
             logger.warning(f"{source}: apex loss-scaler state ignored; torch.amp's GradScaler starts afresh")
         self.next_epoch = int(state["epoch"]) + 1
         self.max_accuracy = float(state.get("max_accuracy", 0.0))
+
+
+SUMMARY_FILE, BEST_FILE = "summary.csv", "ckpt_best.pth"
+SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "val_top1", "val_top5", "val_loss", "ema_top1", "epoch_time_s")
+
+
+def update_summary(path: str, first_dropped: int, row: dict[str, Any] | None = None) -> None:
+    """Rewrite the per-epoch ``summary.csv`` atomically: its rows of epochs before ``first_dropped``, then ``row``.
+
+    Rows are dropped from ``first_dropped`` on because a resumed run repeats those epochs: after any crash and
+    resume the file has exactly one row per finished epoch, in order.
+    """
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [
+                r for r in csv.DictReader(f) if str(r.get("epoch", "")).isdigit() and int(r["epoch"]) < first_dropped
+            ]
+    if row is not None:
+        rows.append(row)
+    if not rows and not os.path.exists(path):
+        return
+
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        text.flush()
+        text.detach()
+
+    atomic_write(path, write)
 
 
 def gather_rng_states(env: DistEnv) -> list[dict]:
@@ -234,11 +303,15 @@ def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger)
     if not path:
         if config.MODEL.PRETRAINED:
             load_pretrained(run.model, config.MODEL.PRETRAINED, logger)
+            if run.ema is not None:
+                run.ema.set(run.model)  # the average starts from the pretrained weights
         return None
     logger.info(f"Resuming from {path}")
     ckpt = ckpt if ckpt is not None else load_file(path)
     if not (isinstance(ckpt, dict) and "epoch" in ckpt):  # weights only: the run starts at its first epoch
         load_model_weights(run.model, model_state_of(ckpt, path), path, logger=logger)
+        if run.ema is not None:
+            run.ema.set(run.model)
         return path
     run.load_state_dict(ckpt, path, logger)
     rng = ckpt.get("rng")
@@ -279,6 +352,8 @@ def train_one_epoch(
     steps = optimizer_steps_per_epoch(len(loader), accum)
     clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
     loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
+    distilling = isinstance(criterion, DistillationLoss)
+    base_meter, distill_meter = SmoothedValue(), SmoothedValue()  # the distillation loss's two terms, unweighted
     skipped = 0
     # Per-step figures stay on the device until the next report: one host sync per PRINT_FREQ steps, not per step.
     pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, batch size, LR, [loss, grad norm])
@@ -286,7 +361,7 @@ def train_one_epoch(
     def report(step: int) -> None:
         nonlocal skipped
         values = torch.stack([figures for *_, figures in pending]).tolist()
-        for (at, n, lr, _), (loss_value, grad_norm) in zip(pending, values, strict=True):
+        for (at, n, lr, _), (loss_value, grad_norm, *terms) in zip(pending, values, strict=True):
             if not math.isfinite(loss_value) and not scaler.is_enabled():
                 raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, step {at}/{steps}")
             if scaler.is_enabled() and not math.isfinite(grad_norm):
@@ -295,11 +370,17 @@ def train_one_epoch(
                 continue
             loss_meter.update(loss_value, n)
             norm_meter.update(grad_norm)
+            if distilling:
+                base_meter.update(terms[0], n)
+                distill_meter.update(terms[1], n)
             if writer is not None:
                 global_step = epoch * steps + at
                 writer.add_scalar("train/loss", loss_value, global_step)
                 writer.add_scalar("train/lr", lr, global_step)
                 writer.add_scalar("train/grad_norm", grad_norm, global_step)
+                if distilling:
+                    writer.add_scalar("train/loss_base", terms[0], global_step)
+                    writer.add_scalar("train/loss_distill", terms[1], global_step)
         pending.clear()
         lr = optimizer.param_groups[0]["lr"]
         eta_epoch = time_meter.avg * (steps - step)
@@ -310,7 +391,13 @@ def train_one_epoch(
             f"lr {lr:.3e}\t"
             f"time {time_meter.value:.4f} ({time_meter.global_avg:.4f})\t"
             f"loss {loss_meter.value:.4f} ({loss_meter.global_avg:.4f})\t"
-            f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
+            + (
+                f"base {base_meter.value:.4f} ({base_meter.global_avg:.4f})\t"
+                f"distill {distill_meter.value:.4f} ({distill_meter.global_avg:.4f})\t"
+                if distilling
+                else ""
+            )
+            + f"grad_norm {norm_meter.value:.4f} ({norm_meter.global_avg:.4f})\t"
             f"{memory_note(env.device)}" + (f"\tskipped steps {skipped}" if scaler.is_enabled() else "")
         )
 
@@ -328,7 +415,10 @@ def train_one_epoch(
         with sync:
             with precision.autocast(env.device):
                 outputs = model(samples)
-            loss = criterion(outputs.float(), targets)
+                if distilling:  # the teacher sees the same (mixed) samples under the same autocast
+                    loss, terms = criterion(samples, outputs, targets)
+            if not distilling:
+                loss = criterion(outputs.float(), targets)
             scaler.scale(loss / accum).backward()
         if not last_micro:
             continue
@@ -338,9 +428,14 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.model)
         lr = optimizer.param_groups[0]["lr"]  # the LR this step used (the schedule moves it next)
         run.lr_scheduler.step_update(epoch * steps + step)
-        pending.append((step, targets.size(0), lr, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
+        figures = [loss.detach().float(), grad_norm.detach().float()]
+        if distilling:
+            figures += [terms["base"], terms["distill"]]
+        pending.append((step, targets.size(0), lr, torch.stack(figures)))
         time_meter.update(time.time() - end)
         end = time.time()
         if step % config.PRINT_FREQ == 0 or step == steps:
@@ -353,6 +448,7 @@ def train_one_epoch(
         "grad_norm": norm_meter.global_avg,
         "epoch_time": time.time() - start,
         "skipped_steps": skipped,
+        **({"loss_base": base_meter.global_avg, "loss_distill": distill_meter.global_avg} if distilling else {}),
     }
 
 
@@ -378,6 +474,7 @@ def validate(
     logger,
     classes: Sequence[int] | None = None,
     real: RealLabels | None = None,
+    name: str = "",
 ) -> ValFigures:
     """Top-1, top-5 (%) and mean cross-entropy over the whole validation set, from counts summed over processes.
 
@@ -428,7 +525,7 @@ def validate(
     if count == 0:
         raise DataError("The validation set is empty; put images under <data-path>/val/<class>/.")
     acc1, acc5, loss = 100.0 * correct1 / count, 100.0 * correct5 / count, loss_sum / count
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} Loss {loss:.4f}")
+    logger.info(f" * {name + ' ' if name else ''}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} Loss {loss:.4f}")
     if real is None:
         return ValFigures(acc1, acc5, loss)
     real1, real5 = 100.0 * real1 / real_count, 100.0 * real5 / real_count
@@ -484,12 +581,19 @@ def train(
     env: DistEnv,
     logger: logging.Logger,
     last_saved: str | None = None,
+    teacher: nn.Module | None = None,
 ) -> None:
     """Epochs ``run.next_epoch`` .. ``TRAIN.EPOCHS - 1``: train, average BatchNorm statistics over processes,
-    validate, and save every ``SAVE_FREQ`` epochs, at the last epoch and on a new best top-1."""
-    criterion = build_criterion(config, data.mixup_fn is not None)
+    validate (the weight average too), write ``summary.csv``, and save every ``SAVE_FREQ`` epochs, at the last epoch
+    and on a new best top-1 (also as ``ckpt_best.pth``), keeping the newest ``SAVE_KEEP`` epoch checkpoints."""
+    if config.SAVE_KEEP < 0:
+        raise ConfigError(f"SAVE_KEEP {config.SAVE_KEEP} must be >= 0 (0 keeps every epoch checkpoint).")
+    criterion = with_distillation(config, build_criterion(config, data.mixup_fn is not None), teacher)
     class_names = list(data.info.class_names) if data.info.class_names else None
     writer = create_tensorboard_writer(config.OUTPUT, env.rank, logger)
+    summary = os.path.join(config.OUTPUT, SUMMARY_FILE)
+    if env.is_main:
+        update_summary(summary, run.next_epoch)  # rows of epochs not covered by the resumed state are run again
     logger.info("Start training")
     start = time.time()
     for epoch in range(run.next_epoch, config.TRAIN.EPOCHS):
@@ -507,7 +611,14 @@ def train(
         if env.distributed:
             # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
             distribute_bn(model, env.world_size, reduce=True)
+            if run.ema is not None:
+                distribute_bn(run.ema.module, env.world_size, reduce=True)
         acc1, acc5, val_loss = validate(config, data.val, model, data.info.num_classes, precision, env, logger)[:3]
+        ema_acc1 = None
+        if run.ema is not None:
+            ema_acc1 = validate(
+                config, data.val, run.ema.module, data.info.num_classes, precision, env, logger, name="EMA"
+            ).acc1
         if writer is not None:
             scalars = {
                 "train/epoch_time_s": stats["epoch_time"],
@@ -521,14 +632,34 @@ def train(
         is_best = acc1 > run.max_accuracy
         run.max_accuracy = max(run.max_accuracy, acc1)
         run.next_epoch = epoch + 1
+        if env.is_main:
+            row = {
+                "epoch": epoch,
+                "lr": f"{run.optimizer.param_groups[0]['lr']:.6e}",
+                "train_loss": f"{stats['loss']:.6f}",
+                "val_top1": f"{acc1:.3f}",
+                "val_top5": f"{acc5:.3f}",
+                "val_loss": f"{val_loss:.6f}",
+                "ema_top1": "" if ema_acc1 is None else f"{ema_acc1:.3f}",
+                "epoch_time_s": f"{stats['epoch_time']:.1f}",
+            }
+            update_summary(summary, epoch, row)
         if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
             last_saved = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
             save_checkpoint(last_saved, run, config, env, class_names)
             logger.info(f"{last_saved} saved")
+            if env.is_main:
+                if is_best:
+                    atomic_copy(last_saved, os.path.join(config.OUTPUT, BEST_FILE))
+                    logger.info(f"{BEST_FILE}: epoch {epoch}, top-1 {acc1:.3f}")
+                for old in prune_checkpoints(config.OUTPUT, config.SAVE_KEEP):  # only once the new file is whole
+                    logger.info(f"{old} removed (SAVE_KEEP {config.SAVE_KEEP})")
         logger.info(f"Accuracy of the network on the {data.info.num_val} test images: {acc1:.1f}%")
         logger.info(f"Max accuracy: {run.max_accuracy:.2f}%")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     logger.info(f"Final weights fingerprint (sha256 of the state_dict): {state_fingerprint(run.model)}")
+    if run.ema is not None:
+        logger.info(f"Final EMA fingerprint (sha256 of the state_dict): {state_fingerprint(run.ema.module)}")
     if writer is not None:
         writer.close()
 
@@ -540,8 +671,9 @@ def evaluate(
     if not config.MODEL.RESUME:
         raise CheckpointError("--eval needs the checkpoint to evaluate: add --resume CKPT.")
     path = config.MODEL.RESUME
-    notes = load_model_weights(bare, model_state_of(load_file(path), path), path, logger=logger)
-    logger.info(loaded_message(path, notes))
+    key = "model_ema" if config.TEST.USE_EMA else "model"
+    notes = load_model_weights(bare, model_state_of(load_file(path), path, key), path, logger=logger)
+    logger.info(loaded_message(path, notes) + (" - the weight average (TEST.USE_EMA)" if key == "model_ema" else ""))
     info = data.info
     acc1 = validate(
         config, data.val, model, info.num_classes, precision, env, logger, info.class_indices, data.real_labels

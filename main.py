@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import engine
 from config import get_default_config, update_config
 from data import Data, build_loader, describe_eval_transform
+from distillation import build_teacher
 from errors import ConfigError, DFvTError
 from logger import create_logger
 from lr_scheduler import LearningRates, build_scheduler, linear_scaled_lrs, optimizer_steps_per_epoch
@@ -114,15 +115,17 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
             engine.evaluate(config, model, bare, data, precision, env, logger)
         return
 
+    teacher = build_teacher(config, env.device, num_classes, data.info.class_names, logger)
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), config.TRAIN.ACCUMULATION_STEPS)
     lrs = linear_scaled_lrs(config, env.world_size)
     optimizer = build_optimizer(config, bare, lrs.base)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch, lrs)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
-    state = engine.RunState(bare, optimizer, scheduler, scaler, next_epoch=config.TRAIN.START_EPOCH)
+    ema = engine.build_ema(config, bare)
+    state = engine.RunState(bare, optimizer, scheduler, scaler, next_epoch=config.TRAIN.START_EPOCH, ema=ema)
     logger.info(run_summary(config, env, data, complexity, precision, lrs))
     resumed = engine.resume(config, state, env, logger)
-    engine.train(config, state, model, data, precision, env, logger, last_saved=resumed)
+    engine.train(config, state, model, data, precision, env, logger, last_saved=resumed, teacher=teacher)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,11 +141,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, logger: logging.L
 
 def load_checkpoint_model(config: CfgNode, path: str | os.PathLike) -> tuple[DFvT, Any, list[str]]:
     """The eval-mode model ``config`` describes, with the class count of the checkpoint at ``path`` (the rows of its
-    ``head.weight``; 0, pooled features, when it has none), loaded strictly (:func:`load_model_weights`).
+    ``head.weight``; 0, pooled features, when it has none), loaded strictly (:func:`load_model_weights`) from the
+    file's ``model`` weights, or its weight average ``model_ema`` with ``TEST.USE_EMA``.
     Returns the model, the file's content (for its class names) and the load notes (tables resized)."""
     path = os.fspath(path)
     ckpt = load_file(path)
-    state = model_state_of(ckpt, path)
+    state = model_state_of(ckpt, path, "model_ema" if config.TEST.USE_EMA else "model")
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     model = build_model(config, num_classes=num_classes)
     notes = load_model_weights(model, state, path)

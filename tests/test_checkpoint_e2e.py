@@ -4,6 +4,7 @@ fine-tuning, and a diverging run that must not overwrite good checkpoints."""
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import subprocess
 import sys
@@ -41,13 +42,24 @@ def data(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("ckpt_data") / "data", n_train=8, n_val=3)
 
 
-def test_killed_run_resumes_bit_identically(data, tmp_path):
+@pytest.mark.parametrize("recipe", ["upstream", "ema+distillation"])
+def test_killed_run_resumes_bit_identically(data, tmp_path, recipe):
+    opts = EXACT
+    if recipe != "upstream":  # the weight average and a soft-distillation teacher (a DFvT-T of its own weights)
+        teacher = tmp_path / "teacher.pth"
+        torch.manual_seed(1)
+        teacher_config = load_config(
+            str(ROOT / "configs" / "tiny.yaml"), ["DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "3"]
+        )
+        torch.save({"model": build_model(teacher_config).state_dict()}, teacher)
+        opts += ("TRAIN.EMA.ENABLE", "True", "TRAIN.EMA.DECAY", "0.9")
+        opts += ("TRAIN.DISTILL.TEACHER", "configs/tiny.yaml", "TRAIN.DISTILL.CHECKPOINT", str(teacher))
     uninterrupted = tmp_path / "a"
-    check(run([sys.executable, *main_args(data, uninterrupted, opts=EXACT)]))
+    check(run([sys.executable, *main_args(data, uninterrupted, opts=opts)]))
     reference = FINGERPRINT.search(log_of(uninterrupted)).group(1)
 
     interrupted = tmp_path / "b"
-    cmd = [sys.executable, *main_args(data, interrupted, opts=EXACT)]
+    cmd = [sys.executable, *main_args(data, interrupted, opts=opts)]
     first_ckpt = interrupted / "dfvt_tiny" / "t" / "ckpt_epoch_0.pth"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -62,8 +74,12 @@ def test_killed_run_resumes_bit_identically(data, tmp_path):
     log = log_of(interrupted)
     assert "Resuming from" in log and "continuing at epoch" in log
     assert FINGERPRINT.search(log).group(1) == reference
-    # The validation figures of the last epoch agree too.
+    # The validation figures of the last epoch agree too, and the weight average and distillation terms with them.
     assert summaries(log)[-1] == summaries(log_of(uninterrupted))[-1]
+    if recipe != "upstream":
+        ema = re.compile(r"Final EMA fingerprint \(sha256 of the state_dict\): ([0-9a-f]{64})")
+        assert ema.search(log).group(1) == ema.search(log_of(uninterrupted)).group(1)
+        assert re.search(r"\tbase [\d.]+ \([\d.]+\)\tdistill [\d.]+ \([\d.]+\)\t", log)
 
 
 def test_upstream_format_checkpoint_evaluates(data, tmp_path):

@@ -17,7 +17,7 @@ LAYERS = [
     {"config"},
     {"checkpoint"},
     {"models", "data"},
-    {"optimizer", "lr_scheduler"},
+    {"optimizer", "lr_scheduler", "distillation"},
     {"engine"},
     {"main", "predict", "hubconf", "benchmarks", "export"},
 ]
