@@ -616,9 +616,12 @@ def train(
         acc1, acc5, val_loss = validate(config, data.val, model, data.info.num_classes, precision, env, logger)[:3]
         ema_acc1 = None
         if run.ema is not None:
-            ema_acc1 = validate(
-                config, data.val, run.ema.module, data.info.num_classes, precision, env, logger, name="EMA"
-            ).acc1
+            # The extra pass over the validation loader draws a loader seed; keep the training's generator stream as
+            # it would be without the EMA, so turning the EMA on leaves the model's own training unchanged.
+            with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+                ema_acc1 = validate(
+                    config, data.val, run.ema.module, data.info.num_classes, precision, env, logger, name="EMA"
+                ).acc1
         if writer is not None:
             scalars = {
                 "train/epoch_time_s": stats["epoch_time"],

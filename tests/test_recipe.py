@@ -166,6 +166,14 @@ def test_every_rank_holds_the_same_ema(data, tmp_path):
     assert FINGERPRINT.search(log_of(tmp_path, 0)).group(1) == FINGERPRINT.search(log_of(tmp_path, 1)).group(1)
 
 
+def test_the_ema_leaves_the_model_s_own_training_unchanged(data, tmp_path):
+    assert train(data, tmp_path / "off", "TRAIN.EPOCHS", "2") == 0
+    assert train(data, tmp_path / "on", "TRAIN.EPOCHS", "2", *EMA) == 0
+    off, on = log_of(tmp_path / "off"), log_of(tmp_path / "on")
+    assert FINGERPRINT.search(on).group(1) == FINGERPRINT.search(off).group(1)
+    assert summaries(on) == summaries(off) and " * EMA Acc@1 " in on
+
+
 def test_negative_save_keep_is_a_config_error(data, tmp_path):
     assert train(data, tmp_path, "SAVE_KEEP", "-1") == 2
     assert "SAVE_KEEP -1 must be >= 0" in log_of(tmp_path)
