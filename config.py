@@ -80,7 +80,7 @@ _C.TRAIN.AUTO_RESUME = True  # resume from the newest complete checkpoint in the
 _C.TRAIN.ACCUMULATION_STEPS = 1  # micro-batches per optimizer step
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing of the transformer blocks (saves memory)
 _C.TRAIN.COMPILE = False  # torch.compile the model (opt-in)
-_C.TRAIN.LAYER_DECAY = 1.0  # layer-wise LR decay for fine-tuning: stage i's LR x DECAY^(last layer id - its id)
+_C.TRAIN.LAYER_DECAY = 1.0  # layer-wise LR decay (Swin's): a block's LR x DECAY^(layers above it); 1.0 = off
 
 # Exponential moving average of the weights and buffers, updated after each optimizer step
 _C.TRAIN.EMA = CN()

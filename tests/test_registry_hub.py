@@ -126,6 +126,14 @@ def test_checkpoint_path_is_timms_own_loader(saved):
         timm.create_model("dfvt_tiny", img_size=32, num_classes=10, checkpoint_path=str(saved["ours"]))
 
 
+def test_checkpoint_path_of_an_ema_run_loads_the_average(saved, tmp_path):
+    # timm's loader prefers a checkpoint's model_ema (its use_ema default), as the README says.
+    average = {k: v + 1 if v.is_floating_point() else v for k, v in saved["state"].items()}
+    path = tmp_path / "ema.pth"
+    atomic_save({"model": saved["state"], "model_ema": average, "epoch": 0}, str(path))
+    assert_same_weights(timm.create_model("dfvt_tiny", img_size=32, checkpoint_path=str(path)), average)
+
+
 @pytest.mark.parametrize("fmt", ["ours", "upstream"])
 def test_pretrained_overlay_reinitialises_another_head(saved, fmt):
     overlay = {"file": str(saved[fmt])}
