@@ -171,4 +171,6 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(data, tmp_path)
     line = one_line_failure(run([sys.executable, *main_args(data, out, opts=diverging)]))
     assert "NonFiniteLossError" in line and "at epoch 0, step" in line and "Last good checkpoint" in line
     assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
-    assert sorted(p.name for p in good.parent.glob("*.pth")) == ["ckpt_epoch_0.pth"]
+    # Nothing new was written: the epoch-0 checkpoint and ckpt_best.pth (that same epoch) are all there is.
+    assert sorted(p.name for p in good.parent.glob("*.pth")) == ["ckpt_best.pth", "ckpt_epoch_0.pth"]
+    assert hashlib.sha256((good.parent / "ckpt_best.pth").read_bytes()).hexdigest() == digest
