@@ -352,3 +352,57 @@ def test_num_workers_auto_and_numbers():
 def test_bad_pipeline_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="DATA.PIPELINE 'turbo' must be one of fast, upstream"):
         build_loader(config(tmp_path, "DATA.PIPELINE", "turbo"))
+
+
+# ----------------------------------------------------------------------------------------------- high bit depths
+
+
+def high_bit_depth_files(tmp_path: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """16-bit PNG and float TIFF gradients, each with the 8-bit grey image it stands for (computed here by hand)."""
+    ramp = np.linspace(0, 1, 48 * 64).reshape(48, 64)
+    files = {
+        "png16": (Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)), "png", np.rint(ramp * 65535) * 255 / 65535),
+        "tiff01": (Image.fromarray(ramp.astype(np.float32)), "tiff", ramp.astype(np.float32) * 255.0),
+        "tiff255": (Image.fromarray((ramp * 255).astype(np.float32)), "tiff", (ramp * 255).astype(np.float32)),
+    }
+    out = {}
+    for name, (image, ext, grey) in files.items():
+        path = tmp_path / f"{name}.{ext}"
+        image.save(path)
+        out[name] = (path, np.rint(grey).astype(np.uint8))
+    return out
+
+
+def test_high_bit_depth_images_keep_their_range_in_both_pipelines(tmp_path):
+    from data import load_rgb_image
+
+    for name, (path, grey) in high_bit_depth_files(tmp_path).items():
+        expected = np.repeat(grey[:, :, None], 3, axis=2)
+        assert np.array_equal(np.asarray(load_rgb_image(path)), expected), name  # upstream pipeline
+        assert np.array_equal(decode_uint8(read_encoded(path)).permute(1, 2, 0).numpy(), expected), name  # fast
+        assert 100 < expected.mean() < 155  # a mid-grey ramp, not all white (PIL's clip) or all black
+    for values, why in ((np.full((8, 8), 300.0), r"\[300, 300\], neither \[0, 1\] nor \[0, 255\]"),
+                        (np.full((8, 8), np.nan), "not finite")):  # fmt: skip
+        path = tmp_path / "odd.tiff"
+        Image.fromarray(values.astype(np.float32)).save(path)
+        for read in (load_rgb_image, lambda p: decode_uint8(read_encoded(p))):
+            with pytest.raises(DataError, match=rf"cannot read image {path}: .*{why}.*convert it to 8-bit"):
+                read(path)
+
+
+def test_predict_on_a_16_bit_png_equals_its_8_bit_twin(tmp_path, capsys):
+    import json
+
+    import predict
+
+    path, grey = high_bit_depth_files(tmp_path)["png16"]
+    twin = tmp_path / "png8.png"
+    Image.fromarray(grey).convert("RGB").save(twin)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": build("tiny", "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "5").state_dict()}, ckpt)
+    args = ["--cfg", "configs/tiny.yaml", "--resume", str(ckpt), str(path), str(twin), "--json", "--topk", "5"]
+    assert predict.main([*args, "--opts", "DATA.IMG_SIZE", "32"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["images"]
+    assert [p["class"] for p in first["predictions"]] == [p["class"] for p in second["predictions"]]
+    probs = [p["prob"] for p in second["predictions"]]
+    assert [p["prob"] for p in first["predictions"]] == pytest.approx(probs, abs=1e-6)  # two rows of one batch
