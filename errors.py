@@ -23,5 +23,9 @@ class CheckpointError(DFvTError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
 
 
+class RunFolderBusyError(DFvTError, RuntimeError):
+    """Another run holds the output folder; the message names the folder and the process holding it."""
+
+
 class NonFiniteLossError(DFvTError, FloatingPointError):
     """The training loss became NaN or infinite; the message names where, and the last good checkpoint."""

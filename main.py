@@ -20,13 +20,13 @@ import engine
 from config import get_default_config, update_config
 from data import Data, build_loader, describe_eval_transform
 from distillation import build_teacher
-from errors import ConfigError, DFvTError
+from errors import ConfigError, DFvTError, RunFolderBusyError
 from logger import create_logger
 from lr_scheduler import LearningRates, build_scheduler, linear_scaled_lrs, optimizer_steps_per_epoch
 from models import build_model
 from models.complexity import complexity_summary
 from optimizer import build_optimizer
-from utils import DistEnv, destroy_distributed, init_distributed, set_seed
+from utils import DistEnv, destroy_distributed, init_distributed, lock_run_folder, set_seed
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = init_distributed(args.local_rank)
+    try:
+        # Training writes checkpoints: one run per folder (before the log is opened, so a refused run writes nothing).
+        lock = None if config.EVAL_MODE or config.THROUGHPUT_MODE else lock_run_folder(config.OUTPUT, env)
+    except RunFolderBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        destroy_distributed()
+        return 2
     logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
     try:
         set_seed(config.SEED + env.rank)
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.close()  # releases the run lock (the OS does it too if the process dies first)
     return 0
 
 

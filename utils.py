@@ -8,10 +8,20 @@ import os
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from errors import RunFolderBusyError
+
+try:
+    import fcntl  # POSIX advisory locks; the run lock is skipped where there is none (Windows)
+except ImportError:
+    fcntl = None
+
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -143,3 +153,40 @@ def state_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def lock_run_folder(folder: str, env: DistEnv) -> IO[str] | None:
+    """Hold an exclusive lock on ``folder`` for this run's life, so that two runs never write the same checkpoints.
+
+    Rank 0 takes a non-blocking ``flock`` on ``<folder>/.lock`` and writes its PID there; the ranks of one run share
+    rank 0's answer. The operating system drops the lock when the process ends, however it ends (``kill -9``
+    included), so a lock is never stale. Raises :class:`RunFolderBusyError` naming the folder and the PID holding
+    it on every rank; returns the open lock file (keep it referenced), or None on ranks > 0 and without ``fcntl``.
+    """
+    busy, handle = "", None
+    if env.is_main and fcntl is not None:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, LOCK_FILE), "a+")  # noqa: SIM115 (held open for the run's life)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            handle = None
+            busy = (
+                f"the output folder {folder} is in use by another run (PID {holder}); wait for it to finish or stop "
+                f"it, or pass another --output or --tag."
+            )
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+    if env.distributed:
+        answer = [busy]
+        dist.broadcast_object_list(answer, src=0)
+        busy = answer[0]
+    if busy:
+        raise RunFolderBusyError(busy)
+    return handle

@@ -30,35 +30,33 @@ class EncodedImage(NamedTuple):
 
 
 def _unreadable(source: str, err: Exception) -> DataError:
-    if isinstance(err, HighBitDepthError):
-        return DataError(f"cannot read image {source}: {err}; convert it to 8-bit (or 16-bit integer) first")
     return DataError(f"cannot read image {source}: {err}; remove or replace the file")
 
 
-class HighBitDepthError(ValueError):
-    """Floating-point pixels whose range is neither [0, 1] nor [0, 255]."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, source: str) -> Image.Image:
     """``img`` as 8-bit RGB, high bit depths scaled by their real range instead of clipped.
 
     PIL's ``convert("RGB")`` clips 16-bit greyscale (mode ``I;16``/``I``) to 255, so a 16-bit PNG turns white, and
     floating-point TIFFs (mode ``F``) in [0, 1] turn black. Here 16-bit values are scaled by 255 / 65535; floats in
-    [0, 1] by 255, floats in [0, 255] are kept; other float ranges (or non-finite values) raise
-    :class:`HighBitDepthError` rather than guess.
+    [0, 1] by 255, floats in [0, 255] are kept; other ranges (or non-finite values) raise :class:`DataError` naming
+    ``source`` rather than guess.
     """
+
+    def refuse(what: str) -> DataError:
+        return DataError(f"cannot read image {source}: {what}; convert it to 8-bit (or 16-bit integer) first")
+
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float64)
         if values.min() < 0 or values.max() > 65535:
-            raise HighBitDepthError(f"integer pixels in [{values.min():g}, {values.max():g}], beyond 16 bits")
+            raise refuse(f"integer pixels in [{values.min():g}, {values.max():g}], beyond 16 bits")
         return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), "L").convert("RGB")
     if img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
         if not np.isfinite(values).all():
-            raise HighBitDepthError("floating-point pixels that are not finite (NaN or inf)")
+            raise refuse("floating-point pixels that are not finite (NaN or inf)")
         low, high = values.min(), values.max()
         if low < 0 or high > 255:
-            raise HighBitDepthError(f"floating-point pixels in [{low:g}, {high:g}], neither [0, 1] nor [0, 255]")
+            raise refuse(f"floating-point pixels in [{low:g}, {high:g}], neither [0, 1] nor [0, 255]")
         scale = 255.0 if high <= 1 else 1.0
         return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")
@@ -68,7 +66,9 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     """The image at ``path`` as RGB (the ImageFolder loader); raises :class:`DataError` if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return to_rgb(Image.open(f))
+            return to_rgb(Image.open(f), os.fspath(path))
+    except DataError:  # already names the source (to_rgb)
+        raise
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise _unreadable(os.fspath(path), e) from e
 
@@ -76,7 +76,9 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
 def decode_rgb_image(data: bytes, source: str) -> Image.Image:
     """Encoded image ``data`` as RGB; ``source`` describes where the bytes came from, for the error message."""
     try:
-        return to_rgb(Image.open(io.BytesIO(data)))
+        return to_rgb(Image.open(io.BytesIO(data)), source)
+    except DataError:  # already names the source (to_rgb)
+        raise
     except Exception as e:
         raise _unreadable(source, e) from e
 
@@ -122,7 +124,9 @@ def decode_uint8(image: EncodedImage, reduce: int = 1) -> torch.Tensor:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return decode_jpeg(encoded, mode=ImageReadMode.RGB)
         with Image.open(io.BytesIO(image.data)) as img:
-            array = np.array(to_rgb(img))  # a writable copy
+            array = np.array(to_rgb(img, image.source))  # a writable copy
         return torch.from_numpy(array).permute(2, 0, 1)
+    except DataError:  # already names the source (to_rgb)
+        raise
     except Exception as e:  # torchvision raises RuntimeError on corrupt or truncated JPEGs
         raise _unreadable(image.source, e) from e
