@@ -15,7 +15,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -282,12 +282,39 @@ def gather_rng_states(env: DistEnv) -> list[dict]:
     return states
 
 
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn a failed write of ``path`` (disk full, quota, I/O error, read-only folder) into one line naming the file,
+    the error and the free space; the atomic writes have already removed their temporary file, and every earlier
+    file is untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        # torch.save's zip writer reports a failed write as a RuntimeError raised while it closes, with the OSError
+        # as its context: find the OSError in the chain.
+        e = error
+        while e is not None and not isinstance(e, OSError):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(
+            f"cannot write {path} ({e.strerror or e}; {free}); earlier checkpoints in {folder} are intact. Free some "
+            f"space (or raise the quota), then rerun the same command to continue from the last one."
+        ) from error
+
+
 def save_checkpoint(path: str, run: RunState, config: CfgNode, env: DistEnv, class_names: list[str] | None) -> None:
     """Write the run's state, the config (YAML text), every process's generator states and the class names (for
     ``predict.py``) atomically to ``path`` from rank 0 (all processes must call this together)."""
     rng = gather_rng_states(env)
     if env.is_main:
-        atomic_save({**run.state_dict(), "config": config.dump(), "rng": rng, "class_names": class_names}, path)
+        with writing(path):
+            atomic_save({**run.state_dict(), "config": config.dump(), "rng": rng, "class_names": class_names}, path)
 
 
 def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger) -> str | None:
@@ -646,14 +673,16 @@ def train(
                 "ema_top1": "" if ema_acc1 is None else f"{ema_acc1:.3f}",
                 "epoch_time_s": f"{stats['epoch_time']:.1f}",
             }
-            update_summary(summary, epoch, row)
+            with writing(summary):
+                update_summary(summary, epoch, row)
         if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
             last_saved = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
             save_checkpoint(last_saved, run, config, env, class_names)
             logger.info(f"{last_saved} saved")
             if env.is_main:
                 if is_best:
-                    atomic_copy(last_saved, os.path.join(config.OUTPUT, BEST_FILE))
+                    with writing(os.path.join(config.OUTPUT, BEST_FILE)):
+                        atomic_copy(last_saved, os.path.join(config.OUTPUT, BEST_FILE))
                     logger.info(f"{BEST_FILE}: epoch {epoch}, top-1 {acc1:.3f}")
                 for old in prune_checkpoints(config.OUTPUT, config.SAVE_KEEP):  # only once the new file is whole
                     logger.info(f"{old} removed (SAVE_KEEP {config.SAVE_KEEP})")

@@ -26,7 +26,7 @@ from lr_scheduler import LearningRates, build_scheduler, linear_scaled_lrs, opti
 from models import build_model
 from models.complexity import complexity_summary
 from optimizer import build_optimizer
-from utils import DistEnv, destroy_distributed, init_distributed, lock_run_folder, set_seed
+from utils import DistEnv, check_writable_folder, destroy_distributed, init_distributed, lock_run_folder, set_seed
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = init_distributed(args.local_rank)
     try:
+        if env.is_main:
+            check_writable_folder(config.OUTPUT)
         # Training writes checkpoints: one run per folder (before the log is opened, so a refused run writes nothing).
         lock = None if config.EVAL_MODE or config.THROUGHPUT_MODE else lock_run_folder(config.OUTPUT, env)
-    except RunFolderBusyError as e:
+    except (ConfigError, RunFolderBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         destroy_distributed()
         return 2

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import RunFolderBusyError
+from errors import ConfigError, RunFolderBusyError
 
 try:
     import fcntl  # POSIX advisory locks; the run lock is skipped where there is none (Windows)
@@ -190,3 +190,18 @@ def lock_run_folder(folder: str, env: DistEnv) -> IO[str] | None:
     if busy:
         raise RunFolderBusyError(busy)
     return handle
+
+
+def check_writable_folder(folder: str) -> None:
+    """Create ``folder`` if needed and check a file can be written there; else :class:`ConfigError` naming it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"the output folder {folder} is not writable ({e.strerror or e}); pass --output (OUTPUT) a folder you can "
+            f"write to, or fix its permissions."
+        ) from e
