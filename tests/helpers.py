@@ -10,7 +10,8 @@ import subprocess
 import sys
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,22 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     )
     return proc
+
+
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def call_script(script_main: Callable[[list[str]], int], capsys, *args) -> ScriptResult:
+    """Run an entry point's ``main`` in this process with the tiny config and ``args``: exit status and output
+    (argparse's own errors, which exit, included)."""
+    capsys.readouterr()
+    try:
+        code = script_main(["--cfg", config_path("tiny"), *map(str, args)])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return ScriptResult(code, out.out, out.err)

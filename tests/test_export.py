@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 import export as export_script
 from tests.helpers import (
     build,
-    config_path,
+    call_script,
     fixture_input,
     golden_logits,
     load_fixture_weights,
@@ -31,27 +30,10 @@ PARITY = re.compile(r"^(onnxruntime|TorchScript) vs PyTorch on 3 images: max abs
 TOLERANCE = 1e-4  # float32 bound of the project, relative to the logits' scale
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
 def export(capsys):
     """``export(*args)``: run ``export.main`` with the tiny config and ``args``; exit status and output."""
-
-    def call(*args: str | Path) -> Result:
-        capsys.readouterr()
-        try:
-            code = export_script.main(["--cfg", config_path("tiny"), *map(str, args)])
-        except SystemExit as e:  # argparse's errors
-            code = e.code
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return call
+    return lambda *args: call_script(export_script.main, capsys, *args)
 
 
 def tiny(size: int = 32, num_classes: int | None = None) -> torch.nn.Module:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import predict as predict_script
 from config import load_config
 from data import build_transform
 from models import build_model
-from tests.helpers import ROOT, config_path, run, upstream_checkpoint
+from tests.helpers import ROOT, call_script, run, upstream_checkpoint
 
 OPTS = ["--opts", "DATA.IMG_SIZE", "32"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -93,27 +92,10 @@ def upstream_probs(model: torch.nn.Module, path: Path) -> torch.Tensor:
         return model(image[None]).softmax(dim=-1)[0]
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
 def predict(capsys):
     """``predict(*args)``: run ``predict.main`` with the tiny config and ``args``; exit status and output."""
-
-    def call(*args: str | Path) -> Result:
-        capsys.readouterr()
-        try:
-            code = predict_script.main(["--cfg", config_path("tiny"), *map(str, args)])
-        except SystemExit as e:  # argparse's errors
-            code = e.code
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return call
+    return lambda *args: call_script(predict_script.main, capsys, *args)
 
 
 def parse_text(stdout: str) -> dict[str, list[tuple[float, int, str]]]:
