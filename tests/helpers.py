@@ -234,3 +234,13 @@ def call_script(script_main: Callable[[list[str]], int], capsys, *args) -> Scrip
         code = e.code
     out = capsys.readouterr()
     return ScriptResult(code, out.out, out.err)
+
+
+def group_of(groups: list[dict]) -> dict[int, dict]:
+    """Optimizer parameter groups by parameter id; asserts no parameter is in two groups."""
+    out: dict[int, dict] = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in out, "a parameter is in two groups"
+            out[id(p)] = g
+    return out

@@ -20,7 +20,7 @@ from errors import ConfigError
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer, parameter_groups
-from tests.helpers import config_path
+from tests.helpers import config_path, group_of
 
 WD, CONV = 0.05, 2.0
 
@@ -59,15 +59,6 @@ def expected_group(name: str, param: torch.Tensor, depths: list[int], decay: flo
     scale = conv * decay ** (sum(depths) + 1 - expected_layer_id(name, depths))
     wd = 0.0 if param.dim() <= 1 or name.split(".")[-1] == "bias" else WD
     return scale, wd
-
-
-def group_of(groups: list[dict]) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for g in groups:
-        for p in g["params"]:
-            assert id(p) not in out, "a parameter is in two groups"
-            out[id(p)] = g
-    return out
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.75])

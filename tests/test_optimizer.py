@@ -12,6 +12,7 @@ from config import get_default_config, load_config
 from errors import ConfigError
 from models import build_model
 from optimizer import build_optimizer, parameter_groups
+from tests.helpers import group_of
 from utils import strip_wrapper_prefixes
 
 ROOT = Path(__file__).parent.parent
@@ -40,15 +41,6 @@ def expected_classes(model: nn.Module) -> dict[str, tuple[bool, bool]]:
         decayed = len(p.shape) >= 2 and leaf != "bias"
         out[name] = (conv, decayed)
     return out
-
-
-def group_of(groups: list[dict]) -> dict[int, dict]:
-    ids: dict[int, dict] = {}
-    for g in groups:
-        for p in g["params"]:
-            assert id(p) not in ids, "a parameter is in two groups"
-            ids[id(p)] = g
-    return ids
 
 
 def config_with(**train) -> object:
