@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +154,309 @@ _C.EVAL_MODE = False  # evaluate only
 _C.THROUGHPUT_MODE = False  # measure throughput only
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# What each key accepts: one rule per key (test_config walks every key with a bad value), then the relations
+# between keys. check_config applies them when a config is loaded, before anything runs.
+
+DATASETS = ("imagenet", "folder", "digits")
+PIPELINES = ("fast", "upstream")
+CACHE_MODES = ("no", "part", "full")
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
+SCHEDULERS = ("cosine", "linear", "step")
+OPTIMIZERS = ("adamw", "sgd")
+DISTILL_TYPES = ("soft", "hard")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+AUTO_AUGMENT_FAMILIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # timm's policy names
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts: ``accepts(value)`` and the phrase completing "KEY value must be ..."."""
+
+    accepts: Callable[[Any], bool]
+    expect: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int, high: int | None = None) -> Rule:
+    above = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Rule(lambda v: _is_int(v) and v >= low and (high is None or v <= high), above)
+
+
+def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    """A finite number in the interval from ``low`` to ``high`` (closed unless ``open_*``; no ``high``: unbounded)."""
+
+    def accepts(v: Any) -> bool:
+        if not _is_number(v) or v < low or (open_low and v == low):
+            return False
+        return high is None or v < high or (v == high and not open_high)
+
+    if high is None:
+        expect = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        expect = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return Rule(accepts, expect)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.accepts(v), f"None or {rule.expect}")
+
+
+def fraction_pair(*, strict: bool) -> Rule:
+    """(min, max) fractions with 0 < min <= max <= 1 (``strict``: min < max)."""
+
+    def accepts(v: Any) -> bool:
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_number(x) for x in v):
+            return False
+        return 0 < v[0] < v[1] <= 1 if strict else 0 < v[0] <= v[1] <= 1
+
+    return Rule(accepts, f"(min, max) fractions with 0 < min {'<' if strict else '<='} max <= 1")
+
+
+def integers(min_len: int, low: int) -> Rule:
+    return Rule(
+        lambda v: isinstance(v, (list, tuple)) and len(v) >= min_len and all(_is_int(x) and x >= low for x in v),
+        f"a list of at least {min_len} integers >= {low}",
+    )
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and v not in (".", "..") and "/" not in v and "\\" not in v
+
+
+def _auto_augment(v: Any) -> bool:
+    return isinstance(v, str) and (v.strip().lower() in ("", "none") or v.split("-")[0] in AUTO_AUGMENT_FAMILIES)
+
+
+def _workers(v: Any) -> bool:
+    return str(v).strip().lower() == "auto" or str(v).strip().isdigit()
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "text")  # paths and names that are checked where they are opened
+NAME = Rule(_name, "a non-empty folder name without '/'")
+PROBABILITY = number(0, 1)
+
+RULES: dict[str, Rule] = {
+    "BASE": Rule(lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of files"),
+    "DATA.BATCH_SIZE": integer(1),
+    "DATA.DATA_PATH": TEXT,
+    "DATA.DATASET": one_of(*DATASETS),
+    "DATA.IMG_SIZE": integer(1),
+    "DATA.INTERPOLATION": one_of(*INTERPOLATIONS),
+    "DATA.ZIP_MODE": BOOL,
+    "DATA.CACHE_MODE": one_of(*CACHE_MODES),
+    "DATA.PIN_MEMORY": BOOL,
+    "DATA.NUM_WORKERS": Rule(_workers, "'auto' or a number of worker processes (0 or more)"),
+    "DATA.PIPELINE": one_of(*PIPELINES),
+    "DATA.CLASS_MAP": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "auto, sorted or a names file"),
+    "MODEL.TYPE": one_of("dfvt"),
+    "MODEL.NAME": NAME,
+    "MODEL.PRETRAINED": TEXT,
+    "MODEL.RESUME": TEXT,
+    "MODEL.NUM_CLASSES": integer(0),
+    "MODEL.DROP_RATE": number(0, 1, open_high=True),
+    "MODEL.DROP_PATH_RATE": number(0, 1, open_high=True),
+    "MODEL.LABEL_SMOOTHING": number(0, 1, open_high=True),
+    "MODEL.DFVT.PATCH_SIZE": Rule(lambda v: v == 4, "4 (the DFvT stem down-samples by 4)"),
+    "MODEL.DFVT.IN_CHANS": integer(1),
+    "MODEL.DFVT.EMBED_DIM": Rule(lambda v: _is_int(v) and v >= 16 and v % 2 == 0, "even and at least 16"),
+    "MODEL.DFVT.DEPTHS": integers(2, 1),
+    "MODEL.DFVT.NUM_HEADS": integers(2, 1),
+    "MODEL.DFVT.WINDOW_SIZE": integer(1),
+    "MODEL.DFVT.MLP_RATIO": number(0, open_low=True),
+    "MODEL.DFVT.QKV_BIAS": BOOL,
+    "MODEL.DFVT.QK_SCALE": optional(number(0, open_low=True)),
+    "MODEL.DFVT.APE": BOOL,
+    "MODEL.DFVT.PATCH_NORM": BOOL,
+    "MODEL.DFVT.FAST_PATH": BOOL,
+    "TRAIN.START_EPOCH": integer(0),
+    "TRAIN.EPOCHS": integer(1),
+    "TRAIN.WARMUP_EPOCHS": number(0),
+    "TRAIN.WEIGHT_DECAY": number(0),
+    "TRAIN.BASE_LR": number(0, open_low=True),
+    "TRAIN.WARMUP_LR": number(0),
+    "TRAIN.MIN_LR": number(0),
+    "TRAIN.CONV_LR_SCALE": number(0, open_low=True),
+    "TRAIN.CLIP_GRAD": optional(number(0)),
+    "TRAIN.AUTO_RESUME": BOOL,
+    "TRAIN.ACCUMULATION_STEPS": integer(1),
+    "TRAIN.USE_CHECKPOINT": BOOL,
+    "TRAIN.COMPILE": BOOL,
+    "TRAIN.LAYER_DECAY": number(0, 1, open_low=True),
+    "TRAIN.EMA.ENABLE": BOOL,
+    "TRAIN.EMA.DECAY": number(0, 1, open_low=True, open_high=True),
+    "TRAIN.DISTILL.TEACHER": TEXT,
+    "TRAIN.DISTILL.CHECKPOINT": TEXT,
+    "TRAIN.DISTILL.TYPE": one_of(*DISTILL_TYPES),
+    "TRAIN.DISTILL.ALPHA": PROBABILITY,
+    "TRAIN.DISTILL.TAU": number(0, open_low=True),
+    "TRAIN.LR_SCHEDULER.NAME": one_of(*SCHEDULERS),
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": number(0, open_low=True),
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": number(0, 1, open_low=True),
+    "TRAIN.OPTIMIZER.NAME": one_of(*OPTIMIZERS),
+    "TRAIN.OPTIMIZER.EPS": number(0, open_low=True),
+    "TRAIN.OPTIMIZER.BETAS": Rule(
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) and 0 <= x < 1 for x in v),
+        "two numbers in [0, 1)",
+    ),
+    "TRAIN.OPTIMIZER.MOMENTUM": number(0, 1, open_high=True),
+    "AUG.COLOR_JITTER": number(0),
+    "AUG.AUTO_AUGMENT": Rule(_auto_augment, f"none or a timm policy ({', '.join(AUTO_AUGMENT_FAMILIES)}-...)"),
+    "AUG.REPROB": PROBABILITY,
+    "AUG.REMODE": one_of("const", "rand", "pixel"),
+    "AUG.RECOUNT": integer(1),
+    "AUG.MIXUP": number(0),
+    "AUG.CUTMIX": number(0),
+    "AUG.CUTMIX_MINMAX": optional(fraction_pair(strict=True)),
+    "AUG.MIXUP_PROB": PROBABILITY,
+    "AUG.MIXUP_SWITCH_PROB": PROBABILITY,
+    "AUG.MIXUP_MODE": one_of("batch", "pair", "elem"),
+    "AUG.HFLIP": PROBABILITY,
+    "AUG.SCALE": fraction_pair(strict=False),
+    "TEST.CROP": BOOL,
+    "TEST.CROP_PCT": number(0, 1, open_low=True),
+    "TEST.USE_EMA": BOOL,
+    "TEST.REAL_LABELS": TEXT,
+    "THROUGHPUT.WARMUP_ITERS": integer(0),
+    "THROUGHPUT.ITERS": integer(1),
+    "AMP_ENABLE": BOOL,
+    "AMP_OPT_LEVEL": one_of("O0", "O1", "O2"),
+    "AMP_DTYPE": one_of(*AMP_DTYPES),
+    "OUTPUT": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a folder"),
+    "TAG": NAME,
+    "SAVE_FREQ": integer(1),
+    "SAVE_KEEP": integer(0),
+    "PRINT_FREQ": integer(1),
+    "SEED": integer(0, 2**32 - 1),
+    "EVAL_MODE": BOOL,
+    "THROUGHPUT_MODE": BOOL,
+}
+
+
+def _model_layout(c: CN) -> str | None:
+    """The stages, heads and windows tile the image: DEPTHS/NUM_HEADS per stage, heads divide channels, grids fit."""
+    m = c.MODEL.DFVT
+    depths, heads = list(m.DEPTHS), list(m.NUM_HEADS)
+    if len(depths) != len(heads):
+        return (
+            f"MODEL.DFVT.DEPTHS {depths} and MODEL.DFVT.NUM_HEADS {heads} must have one entry per stage "
+            f"(got {len(depths)} and {len(heads)})"
+        )
+    for i, h in enumerate(heads):
+        if (m.EMBED_DIM * 2**i) % h:
+            return (
+                f"MODEL.DFVT.NUM_HEADS[{i}] = {h} does not divide the {m.EMBED_DIM * 2**i} channels of stage {i} "
+                f"(MODEL.DFVT.EMBED_DIM {m.EMBED_DIM} x 2^{i})"
+            )
+    img, step = c.DATA.IMG_SIZE, m.PATCH_SIZE * 2 ** (len(depths) - 1)
+    if img % step:
+        return f"DATA.IMG_SIZE {img} cannot be tiled: with {len(depths)} stages it must be a multiple of {step}"
+    stem = img // m.PATCH_SIZE
+    for i in range(len(depths)):
+        r = stem // 2 ** (i + 1) if i < len(depths) - 1 else stem // 2**i
+        if r > m.WINDOW_SIZE and r % m.WINDOW_SIZE:
+            return (
+                f"DATA.IMG_SIZE {img} gives a {r}x{r} token grid in stage {i}, which MODEL.DFVT.WINDOW_SIZE "
+                f"{m.WINDOW_SIZE} windows cannot tile; use an image size whose stage grids are multiples of the "
+                f"window (e.g. 224 for window 7)"
+            )
+    return None
+
+
+def _schedule(c: CN) -> str | None:
+    t = c.TRAIN
+    if t.LR_SCHEDULER.NAME != "step" and t.WARMUP_EPOCHS >= t.EPOCHS:
+        return (
+            f"TRAIN.EPOCHS {t.EPOCHS} must exceed TRAIN.WARMUP_EPOCHS {t.WARMUP_EPOCHS} for the "
+            f"{t.LR_SCHEDULER.NAME} schedule (lower TRAIN.WARMUP_EPOCHS for short runs)"
+        )
+    if t.START_EPOCH >= t.EPOCHS:
+        return f"TRAIN.START_EPOCH {t.START_EPOCH} must be below TRAIN.EPOCHS {t.EPOCHS}"
+    return None
+
+
+def _data_layout(c: CN) -> str | None:
+    d = c.DATA
+    if d.ZIP_MODE and d.DATASET == "digits":
+        return "DATA.DATASET digits is written as folders; turn DATA.ZIP_MODE off (drop --zip)"
+    if d.ZIP_MODE and d.CLASS_MAP.strip() != "auto":
+        return (
+            f"DATA.CLASS_MAP {d.CLASS_MAP!r} maps class folders, but in zip mode (--zip) the map files carry the "
+            f"labels; leave DATA.CLASS_MAP auto and write the labels you want into train_map.txt/val_map.txt"
+        )
+    return None
+
+
+def mixing_problem(c: CN) -> str | None:
+    d, a = c.DATA, c.AUG
+    mixing = a.MIXUP > 0 or a.CUTMIX > 0 or a.CUTMIX_MINMAX is not None
+    if mixing and d.BATCH_SIZE % 2:
+        return (
+            f"Mixup/CutMix mixes each batch with its reverse, so DATA.BATCH_SIZE ({d.BATCH_SIZE}) must be even; "
+            f"change --batch-size or turn AUG.MIXUP and AUG.CUTMIX off"
+        )
+    return None
+
+
+RELATIONS: tuple[Callable[[CN], str | None], ...] = (_model_layout, _data_layout)
+# checked when main.py trains
+TRAINING_RELATIONS: tuple[Callable[[CN], str | None], ...] = (_schedule, mixing_problem)
+
+
+def flat_items(node: CN, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf of ``node`` as ``("SECTION.KEY", value)``, in definition order."""
+    items = []
+    for k, v in node.items():
+        if isinstance(v, CN):
+            items += flat_items(v, f"{prefix}{k}.")
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def check_config(config: CN, training: bool = False) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value its rule refuses, then the first broken relation
+    (with ``training``, also those of :data:`TRAINING_RELATIONS`).
+
+    Every key of the defaults must have a rule in :data:`RULES` (a key without one is a programming error).
+    """
+    for key, value in flat_items(config):
+        rule = RULES.get(key)
+        if rule is None:
+            raise KeyError(f"config key {key} has no rule in config.RULES; add one next to the defaults")
+        if not rule.accepts(value):
+            raise ConfigError(f"{key} {value!r} must be {rule.expect}.")
+    for relation in RELATIONS + (TRAINING_RELATIONS if training else ()):
+        message = relation(config)
+        if message:
+            raise ConfigError(f"{message}.")
+
+
+def _floats_for_float_keys(config: CN, key: str, value: Any) -> Any:
+    """An integer given for a key whose default is a float, as that float (yacs refuses ``AUG.MIXUP 0`` otherwise)."""
+    try:
+        default = config
+        for part in key.split("."):
+            default = default[part]
+    except (KeyError, TypeError):
+        return value
+    if isinstance(default, float) and _is_int(value):
+        return float(value)
+    return value
+
+
 def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
     """Merge ``cfg_file`` into ``config``, after the files its ``BASE`` list names (recursively)."""
     path = Path(cfg_file)
@@ -174,6 +481,7 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node:
             node[leaf] = repr(str(node[leaf]))  # yacs decodes values with literal_eval: keep text as text
+    _coerce_yaml(config, data)
     config.defrost()
     try:
         config.merge_from_other_cfg(CN(data))
@@ -181,10 +489,29 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
         raise ConfigError(f"Config file {path}: {e}. Check the key names and types against config.py.") from e
 
 
+def _coerce_yaml(config: CN, data: dict, prefix: str = "") -> None:
+    """Integers in a YAML mapping for float keys become floats, in place (see :func:`_floats_for_float_keys`)."""
+    for k, v in data.items():
+        if isinstance(v, dict):
+            _coerce_yaml(config, v, f"{prefix}{k}.")
+        else:
+            data[k] = _floats_for_float_keys(config, f"{prefix}{k}", v)
+
+
 def _merge_opts(config: CN, opts: list[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {opts}.")
-    quoted = [repr(str(v)) if i % 2 and opts[i - 1] in NUMBER_OR_AUTO else v for i, v in enumerate(opts)]
+    quoted = list(opts)
+    for i in range(1, len(opts), 2):
+        if opts[i - 1] in NUMBER_OR_AUTO:
+            quoted[i] = repr(str(opts[i]))
+        elif isinstance(opts[i], str):
+            try:
+                parsed = ast.literal_eval(opts[i])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(_floats_for_float_keys(config, opts[i - 1], parsed), float) and _is_int(parsed):
+                quoted[i] = repr(float(parsed))
     try:
         config.merge_from_list(quoted)
     except (KeyError, ValueError, AssertionError) as e:
@@ -199,6 +526,7 @@ def load_config(cfg_path: str | None = None, opts: list[str] | None = None) -> C
     config.defrost()
     if opts:
         _merge_opts(config, opts)
+    check_config(config)
     config.freeze()
     return config
 
@@ -254,5 +582,6 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         config.THROUGHPUT_MODE = True
     if config.AMP_OPT_LEVEL == "O0":
         config.AMP_ENABLE = False
+    check_config(config, training=not (config.EVAL_MODE or config.THROUGHPUT_MODE))
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()

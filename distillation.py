@@ -24,11 +24,10 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import load_file, model_state_of
-from config import load_config
+from config import DISTILL_TYPES, load_config
 from errors import CheckpointError, ConfigError
 from models import VARIANTS, load_checkpoint_model
 
-KINDS = ("soft", "hard")
 CONFIG_SUFFIXES = (".yaml", ".yml")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
 # The student's input normalisation (data/build.py normalises every batch with ImageNet's mean and std).
@@ -40,7 +39,7 @@ STUDENT_MEAN, STUDENT_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 def check_settings(kind: str, alpha: float, tau: float) -> None:
     """Raise :class:`ConfigError` naming the ``TRAIN.DISTILL`` key when ``kind``, ``alpha`` or ``tau`` is unusable."""
-    if kind not in KINDS:
+    if kind not in DISTILL_TYPES:
         raise ConfigError(f"TRAIN.DISTILL.TYPE {kind!r} must be soft or hard.")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"TRAIN.DISTILL.ALPHA {alpha} must be in [0, 1] (the weight of the distillation term).")

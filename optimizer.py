@@ -30,7 +30,6 @@ from errors import ConfigError
 from utils import strip_wrapper_prefixes
 
 CONV_PREFIXES = ("convlayers.", "multiresolution_conv.")  # the convolutional branch, trained at CONV_LR_SCALE
-OPTIMIZERS = ("adamw", "sgd")
 STEM_NAMES = ("patch_embed", "absolute_pos_embed")  # layer 0
 TOP_NAMES = ("norm", "head")  # after the last block: layer num_blocks + 1
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
@@ -172,10 +171,6 @@ def build_optimizer(config: CfgNode, model: nn.Module, base_lr: float | None = N
     """
     t = config.TRAIN
     name = str(t.OPTIMIZER.NAME).lower()
-    if name not in OPTIMIZERS:
-        raise ConfigError(
-            f"TRAIN.OPTIMIZER.NAME {t.OPTIMIZER.NAME!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}."
-        )
     layer_decay = check_layer_decay(t.LAYER_DECAY)
     base_lr = float(t.BASE_LR if base_lr is None else base_lr)
     groups = parameter_groups(model, float(t.WEIGHT_DECAY), float(t.CONV_LR_SCALE), layer_decay)

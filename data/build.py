@@ -15,6 +15,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
+from config import check_config
 from errors import ConfigError, DataError
 
 from .class_map import ClassLayout, RealLabels, class_layout, load_real_labels
@@ -24,9 +25,8 @@ from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_
 from .images import EncodedImage, decode_rgb_image, load_rgb_image, read_encoded
 from .samplers import ShardedEvalSampler, ShardRandomSampler
 from .transforms import build_mixup, build_transform, build_uint8_transform
-from .zip_dataset import CACHE_MODES, ZipImageDataset, parse_map_file
+from .zip_dataset import ZipImageDataset, parse_map_file
 
-DATASETS = ("imagenet", "folder", "digits")
 ZIP_LAYOUT = "<root>/train.zip, <root>/train_map.txt, <root>/val.zip, <root>/val_map.txt"
 
 
@@ -73,23 +73,6 @@ def dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _check_config(config: CfgNode) -> None:
-    if config.DATA.DATASET not in DATASETS:
-        raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} must be one of {', '.join(DATASETS)}.")
-    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
-        raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} must be one of {', '.join(CACHE_MODES)}.")
-    if config.DATA.ZIP_MODE and config.DATA.DATASET == "digits":
-        raise ConfigError("DATA.DATASET digits is written as folders; turn DATA.ZIP_MODE off (drop --zip).")
-    if config.DATA.ZIP_MODE and str(config.DATA.CLASS_MAP).strip() != "auto":
-        raise ConfigError(
-            f"DATA.CLASS_MAP {config.DATA.CLASS_MAP!r} maps class folders, but in zip mode (--zip) the map files "
-            f"carry the labels; leave DATA.CLASS_MAP auto and write the labels you want into train_map.txt/val_map.txt."
-        )
-    if config.DATA.BATCH_SIZE < 1:
-        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be positive.")
-    resolve_num_workers(config.DATA.NUM_WORKERS)
 
 
 def resolve_num_workers(value: str | int, local_processes: int | None = None, cores: int | None = None) -> int:
@@ -200,7 +183,7 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
     loader and ``mixup_fn`` are None. ``DATA.CLASS_MAP`` labels the class folders (:mod:`data.class_map`);
     ``TEST.REAL_LABELS`` is read in ``EVAL_MODE``. Unusable data raises :class:`DataError` before anything is loaded.
     """
-    _check_config(config)
+    check_config(config)
     rank, world = dist_rank_world()
     train = not config.EVAL_MODE
     root = _data_root(config)

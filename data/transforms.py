@@ -25,11 +25,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode
 
+from config import check_config, mixing_problem
 from errors import ConfigError
 
 from .images import EncodedImage, decode_uint8, image_size
 
-PIPELINES = ("fast", "upstream")
 # RandAugment's resampling ops; the fast pipeline resamples them bilinearly (see build_uint8_transform).
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
 
@@ -39,22 +39,6 @@ EVAL_INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
     "random": InterpolationMode.BILINEAR,
 }
-
-
-def _check(config: CfgNode) -> None:
-    if config.DATA.INTERPOLATION not in EVAL_INTERPOLATION:
-        raise ConfigError(
-            f"DATA.INTERPOLATION {config.DATA.INTERPOLATION!r} must be one of {sorted(EVAL_INTERPOLATION)}."
-        )
-    scale = tuple(config.AUG.SCALE)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"AUG.SCALE {scale} must be (min, max) area fractions with 0 < min <= max <= 1.")
-    if not 0 <= config.AUG.HFLIP <= 1:
-        raise ConfigError(f"AUG.HFLIP {config.AUG.HFLIP} must be a probability in [0, 1].")
-    if not 0 < config.TEST.CROP_PCT <= 1:
-        raise ConfigError(f"TEST.CROP_PCT {config.TEST.CROP_PCT} must be in (0, 1] (the crop's share of the resize).")
-    if config.DATA.PIPELINE not in PIPELINES:
-        raise ConfigError(f"DATA.PIPELINE {config.DATA.PIPELINE!r} must be one of {', '.join(PIPELINES)}.")
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -121,7 +105,7 @@ def eval_resize_side(config: CfgNode) -> int:
 
 def describe_eval_transform(config: CfgNode) -> str:
     """The evaluation resize and crop in words, for the run summary."""
-    _check(config)
+    check_config(config)
     size, mode = config.DATA.IMG_SIZE, EVAL_INTERPOLATION[config.DATA.INTERPOLATION].value
     if config.TEST.CROP:
         return (
@@ -134,7 +118,7 @@ def describe_eval_transform(config: CfgNode) -> str:
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """The upstream transform of the training (``is_train``) or evaluation split: PIL RGB image -> normalised
     float tensor (random erasing included for training)."""
-    _check(config)
+    check_config(config)
     if is_train:
         return _timm_train_transform(config, separate=False)
     normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -225,7 +209,7 @@ def build_uint8_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedI
     draws; RandAugment's rotate/shear/translate resample bilinearly (2x cheaper than bicubic in Pillow: about 0.3 ms
     an image), one of the two filters timm's policy draws from when no interpolation is pinned.
     """
-    _check(config)
+    check_config(config)
     if not is_train:
         return Uint8EvalTransform(_eval_resize(config, tensors=True))
     primary, secondary, _ = _timm_train_transform(config, separate=True)
@@ -244,13 +228,8 @@ def build_mixup(config: CfgNode, num_classes: int) -> Mixup | None:
     a = config.AUG
     if not (a.MIXUP > 0 or a.CUTMIX > 0 or a.CUTMIX_MINMAX is not None):
         return None
-    if a.MIXUP_MODE not in ("batch", "pair", "elem"):
-        raise ConfigError(f"AUG.MIXUP_MODE {a.MIXUP_MODE!r} must be batch, pair or elem.")
-    if config.DATA.BATCH_SIZE % 2:
-        raise ConfigError(
-            f"Mixup/CutMix mixes each batch with its reverse, so DATA.BATCH_SIZE ({config.DATA.BATCH_SIZE}) must be "
-            f"even; change --batch-size or turn AUG.MIXUP and AUG.CUTMIX off."
-        )
+    if problem := mixing_problem(config):  # also a training relation of config.check_config
+        raise ConfigError(f"{problem}.")
     return Mixup(
         mixup_alpha=a.MIXUP,
         cutmix_alpha=a.CUTMIX,

@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from config import CACHE_MODES
 from errors import DataError
 
 from .images import decode_rgb_image
-
-CACHE_MODES = ("no", "part", "full")
 
 
 def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:

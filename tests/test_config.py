@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
 
-from config import get_default_config, load_config, set_key, update_config
+from config import RULES, flat_items, get_default_config, load_config, set_key, update_config
 from errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -104,3 +105,184 @@ def test_set_key_and_a_clean_dump():
     with pytest.raises(KeyError):
         set_key(c, "MODEL.NOPE.X", 1)
     assert "- ''" not in load_config().dump()  # no empty BASE entry in the saved config
+
+
+# A value each key must refuse, given as on the command line (--opts KEY VALUE). Every key of the defaults is here,
+# so a new key fails this file until it has a bad value, and fails the walk until config.RULES checks it.
+BAD_VALUES = {
+    "BASE": "5",
+    "DATA.BATCH_SIZE": "0",
+    "DATA.DATA_PATH": "5",
+    "DATA.DATASET": "cifar",
+    "DATA.IMG_SIZE": "0",
+    "DATA.INTERPOLATION": "nearest",
+    "DATA.ZIP_MODE": "maybe",
+    "DATA.CACHE_MODE": "some",
+    "DATA.PIN_MEMORY": "2",
+    "DATA.NUM_WORKERS": "-1",
+    "DATA.PIPELINE": "turbo",
+    "DATA.CLASS_MAP": "",
+    "MODEL.TYPE": "swin",
+    "MODEL.NAME": "a/b",
+    "MODEL.PRETRAINED": "5",
+    "MODEL.RESUME": "5",
+    "MODEL.NUM_CLASSES": "-1",
+    "MODEL.DROP_RATE": "1.0",
+    "MODEL.DROP_PATH_RATE": "-0.1",
+    "MODEL.LABEL_SMOOTHING": "1.5",
+    "MODEL.DFVT.PATCH_SIZE": "2",
+    "MODEL.DFVT.IN_CHANS": "0",
+    "MODEL.DFVT.EMBED_DIM": "15",
+    "MODEL.DFVT.DEPTHS": "[1]",
+    "MODEL.DFVT.NUM_HEADS": "[3, 0, 12, 24]",
+    "MODEL.DFVT.WINDOW_SIZE": "0",
+    "MODEL.DFVT.MLP_RATIO": "0.0",
+    "MODEL.DFVT.QKV_BIAS": "1",
+    "MODEL.DFVT.QK_SCALE": "-1.0",
+    "MODEL.DFVT.APE": "yes",
+    "MODEL.DFVT.PATCH_NORM": "yes",
+    "MODEL.DFVT.FAST_PATH": "yes",
+    "TRAIN.START_EPOCH": "-1",
+    "TRAIN.EPOCHS": "0",
+    "TRAIN.WARMUP_EPOCHS": "-1",
+    "TRAIN.WEIGHT_DECAY": "-0.1",
+    "TRAIN.BASE_LR": "0.0",
+    "TRAIN.WARMUP_LR": "-1e-6",
+    "TRAIN.MIN_LR": "-1e-6",
+    "TRAIN.CONV_LR_SCALE": "0",
+    "TRAIN.CLIP_GRAD": "-1.0",
+    "TRAIN.AUTO_RESUME": "no",
+    "TRAIN.ACCUMULATION_STEPS": "0",
+    "TRAIN.USE_CHECKPOINT": "sometimes",
+    "TRAIN.COMPILE": "sometimes",
+    "TRAIN.LAYER_DECAY": "1.5",
+    "TRAIN.EMA.ENABLE": "on",
+    "TRAIN.EMA.DECAY": "1.0",
+    "TRAIN.DISTILL.TEACHER": "5",
+    "TRAIN.DISTILL.CHECKPOINT": "5",
+    "TRAIN.DISTILL.TYPE": "medium",
+    "TRAIN.DISTILL.ALPHA": "1.5",
+    "TRAIN.DISTILL.TAU": "0",
+    "TRAIN.LR_SCHEDULER.NAME": "poly",
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": "0",
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": "0",
+    "TRAIN.OPTIMIZER.NAME": "lamb",
+    "TRAIN.OPTIMIZER.EPS": "0",
+    "TRAIN.OPTIMIZER.BETAS": "(0.9, 1.0)",
+    "TRAIN.OPTIMIZER.MOMENTUM": "1.0",
+    "AUG.COLOR_JITTER": "-0.4",
+    "AUG.AUTO_AUGMENT": "randaug-m9",
+    "AUG.REPROB": "1.5",
+    "AUG.REMODE": "zero",
+    "AUG.RECOUNT": "0",
+    "AUG.MIXUP": "-1",
+    "AUG.CUTMIX": "-1",
+    "AUG.CUTMIX_MINMAX": "(0.5, 0.2)",
+    "AUG.MIXUP_PROB": "2",
+    "AUG.MIXUP_SWITCH_PROB": "-0.5",
+    "AUG.MIXUP_MODE": "row",
+    "AUG.HFLIP": "1.5",
+    "AUG.SCALE": "(0.5, 0.1)",
+    "TEST.CROP": "sometimes",
+    "TEST.CROP_PCT": "0",
+    "TEST.USE_EMA": "sometimes",
+    "TEST.REAL_LABELS": "5",
+    "THROUGHPUT.WARMUP_ITERS": "-1",
+    "THROUGHPUT.ITERS": "0",
+    "AMP_ENABLE": "sometimes",
+    "AMP_OPT_LEVEL": "O3",
+    "AMP_DTYPE": "half",
+    "OUTPUT": "",
+    "TAG": "../elsewhere",
+    "SAVE_FREQ": "0",
+    "SAVE_KEEP": "-1",
+    "PRINT_FREQ": "0",
+    "SEED": "-1",
+    "EVAL_MODE": "sometimes",
+    "THROUGHPUT_MODE": "sometimes",
+}
+
+
+def test_every_key_has_a_rule_and_a_bad_value():
+    keys = [key for key, _ in flat_items(load_config())]
+    assert set(BAD_VALUES) == set(keys), "a key was added or removed: give it a rule in config.RULES and a bad value"
+    assert set(RULES) == set(keys)
+
+
+@pytest.mark.parametrize("key", list(BAD_VALUES))
+def test_a_bad_value_of_each_key_is_one_line_naming_it(key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [key, BAD_VALUES[key]])
+    message = str(err.value)
+    assert key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "opts, named",
+    [
+        (["DATA.IMG_SIZE", "100"], "DATA.IMG_SIZE 100 cannot be tiled"),  # not a multiple of 32
+        (["DATA.IMG_SIZE", "256"], "MODEL.DFVT.WINDOW_SIZE 7 windows cannot tile"),  # 32x32 grids, 7x7 windows
+        (["MODEL.DFVT.NUM_HEADS", "[3, 6, 12]"], "one entry per stage"),
+        (["MODEL.DFVT.NUM_HEADS", "[5, 6, 12, 24]"], "NUM_HEADS[0] = 5 does not divide the 48 channels"),
+        (["DATA.ZIP_MODE", "True", "DATA.DATASET", "digits"], "DATA.ZIP_MODE off"),
+        (["DATA.ZIP_MODE", "True", "DATA.CLASS_MAP", "sorted"], "DATA.CLASS_MAP 'sorted' maps class folders"),
+        (["TRAIN.LAYER_DECAY", "nan"], "TRAIN.LAYER_DECAY"),  # not a number: yacs' type check names the key
+        (["TRAIN.CLIP_GRAD", "1e999"], "TRAIN.CLIP_GRAD inf"),  # numbers must be finite
+    ],
+)
+def test_relations_between_keys_are_checked(opts, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, opts)
+
+
+def test_training_relations_are_checked_when_training_only():
+    args = argparse.Namespace(opts=["TRAIN.EPOCHS", "10"], eval=False)
+    with pytest.raises(ConfigError, match=r"TRAIN.EPOCHS 10 must exceed TRAIN.WARMUP_EPOCHS 20"):
+        update_config(get_default_config(), args)
+    with pytest.raises(ConfigError, match=r"TRAIN.START_EPOCH 5 must be below TRAIN.EPOCHS 5"):
+        update_config(
+            get_default_config(),
+            argparse.Namespace(opts=["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "5", "TRAIN.WARMUP_EPOCHS", "0"]),
+        )
+    with pytest.raises(ConfigError, match=r"DATA.BATCH_SIZE \(5\) must be even"):
+        update_config(get_default_config(), argparse.Namespace(opts=None, batch_size=5))
+    # Evaluating, predicting or exporting with a training YAML whose schedule is short is fine.
+    update_config(get_default_config(), argparse.Namespace(opts=["TRAIN.EPOCHS", "10"], eval=True))
+    assert load_config(None, ["TRAIN.EPOCHS", "10", "DATA.BATCH_SIZE", "5"]).TRAIN.EPOCHS == 10
+
+
+def test_integers_are_accepted_for_float_keys(tmp_path):
+    # yacs alone refuses `--opts AUG.MIXUP 0` (an int for a float key); both routes give the float.
+    c = load_config(None, ["AUG.MIXUP", "0", "TRAIN.BASE_LR", "1", "TRAIN.OPTIMIZER.BETAS", "(0, 0.5)"])
+    assert c.AUG.MIXUP == 0.0 and isinstance(c.AUG.MIXUP, float) and isinstance(c.TRAIN.BASE_LR, float)
+    yaml_file = tmp_path / "ints.yaml"
+    yaml_file.write_text("AUG:\n  MIXUP: 0\n  CUTMIX: 1\nTRAIN:\n  WARMUP_EPOCHS: 5\n")
+    c = load_config(str(yaml_file))
+    assert (c.AUG.MIXUP, c.AUG.CUTMIX, c.TRAIN.WARMUP_EPOCHS) == (0.0, 1.0, 5)
+    assert isinstance(c.AUG.CUTMIX, float)
+    with pytest.raises(ConfigError, match="TRAIN.EPOCHS"):  # but not a float for an int key
+        load_config(None, ["TRAIN.EPOCHS", "2.5"])
+
+
+def test_the_shipped_configs_pass_their_checks():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        args = argparse.Namespace(cfg=str(path), opts=None)
+        update_config(get_default_config(), args)  # the training relations included
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["PRINT_FREQ", "0"], "PRINT_FREQ 0 must be an integer >= 1."),
+        (["SAVE_FREQ", "0"], "SAVE_FREQ 0 must be an integer >= 1."),
+        (["DATA.NUM_WORKERS", "-1"], "DATA.NUM_WORKERS '-1' must be 'auto' or a number of worker processes"),
+        (["AUG.MIXUP", "-0.5"], "AUG.MIXUP -0.5 must be a number >= 0."),
+    ],
+)
+def test_main_refuses_a_bad_value_before_anything_runs(tmp_path, capsys, opts, message):
+    import main
+
+    assert main.main(["--output", str(tmp_path / "out"), "--opts", *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing was created

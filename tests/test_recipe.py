@@ -176,6 +176,6 @@ def test_the_ema_leaves_the_model_s_own_training_unchanged(data, tmp_path):
     assert summaries(on) == summaries(off) and " * EMA Acc@1 " in on
 
 
-def test_negative_save_keep_is_a_config_error(data, tmp_path):
+def test_negative_save_keep_is_a_config_error(data, tmp_path, capsys):
     assert train(data, tmp_path, "SAVE_KEEP", "-1") == 2
-    assert "SAVE_KEEP -1 must be >= 0" in log_of(tmp_path)
+    assert "SAVE_KEEP -1 must be an integer >= 0" in capsys.readouterr().err

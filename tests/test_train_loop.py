@@ -102,7 +102,7 @@ def test_precision_choice():
     assert _precision("cpu", "AMP_DTYPE", "float16") == fp16_scaled
     assert _precision("cuda", "AMP_DTYPE", "bfloat16", cuda_bf16=False) == bf16
     assert _precision("cuda", "AMP_DTYPE", "bfloat16", "AMP_OPT_LEVEL", "O0") == (None, False)
-    with pytest.raises(ConfigError, match="AMP_DTYPE 'half' must be auto, bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="AMP_DTYPE 'half' must be one of auto, bfloat16, float16"):
         _precision("cpu", "AMP_DTYPE", "half")
     assert Precision(torch.float16, True).name == "float16" and Precision(None, False).name == "fp32"
     auto_gpu = choose_precision(load_config(), torch.device("cuda"), cuda_bf16=True).describe()
