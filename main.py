@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    env = init_distributed(args.local_rank)
+    try:
+        env = init_distributed(args.local_rank)
+    except ConfigError as e:  # a malformed launcher or SLURM variable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if env.is_main:
             check_writable_folder(config.OUTPUT)

@@ -6,7 +6,11 @@ import datetime
 import hashlib
 import os
 import random
+import re
+import shutil
+import subprocess
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -42,19 +46,107 @@ class DistEnv:
         return self.rank == 0
 
 
+# One host of a SLURM host list: name parts and bracketed numeric ranges, e.g. ``node[01-04,07]-ib``.
+_SLURM_HOST = re.compile(r"(?:[^\[\],\s]+|\[\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*\])+")
+
+
+def first_slurm_host(nodelist: str, variable: str = "SLURM_JOB_NODELIST") -> str:
+    """The first host of a host list in SLURM's compressed syntax, zero padding kept: ``node[01-04,07],gpu5`` →
+    ``node01``, ``a-b[3-5]`` → ``a-b3``, ``host1,host2`` → ``host1``; ``variable`` names the list in the error."""
+    text = nodelist.strip()
+    match = _SLURM_HOST.match(text)
+    if match is None or text[match.end() : match.end() + 1] not in ("", ","):
+        raise ConfigError(
+            f"{variable} {nodelist!r} is not a SLURM host list (like node[01-04],gpu5); "
+            "set MASTER_ADDR to the host of rank 0 instead."
+        )
+    return re.sub(r"\[(\d+)[^\]]*\]", r"\1", match.group(0))
+
+
+def _scontrol_first_host(nodelist: str, path: str | None) -> str | None:
+    """The first host ``scontrol show hostnames`` prints for ``nodelist``, ``scontrol`` looked up on ``path`` (a
+    ``PATH``; None: this process's); None without scontrol or if it fails."""
+    scontrol = shutil.which("scontrol", path=path)
+    if scontrol is None:
+        return None
+    try:
+        out = subprocess.run(
+            [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    hosts = out.split()
+    return hosts[0] if hosts else None
+
+
+def _int_variable(environ: Mapping[str, str], name: str, default: str) -> int:
+    """Environment variable ``name`` (``default`` when unset) as an integer, or a ConfigError naming it."""
+    value = environ.get(name, default)
+    if re.fullmatch(r"\s*-?[0-9]+\s*", value) is None:  # int() would also take "1_000" and non-ASCII digits
+        raise ConfigError(f"{name} {value!r} is not an integer; fix or unset it in the launch script.")
+    return int(value)
+
+
+def _slurm_master_addr(environ: Mapping[str, str]) -> str:
+    """The first host of ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``): per ``scontrol`` where there is one."""
+    variable = "SLURM_JOB_NODELIST" if "SLURM_JOB_NODELIST" in environ else "SLURM_NODELIST"
+    if variable not in environ:
+        raise ConfigError("SLURM_JOB_NODELIST is not set; set MASTER_ADDR to the host of rank 0.")
+    return _scontrol_first_host(environ[variable], environ.get("PATH")) or first_slurm_host(environ[variable], variable)
+
+
+def _slurm_master_port(environ: Mapping[str, str]) -> int:
+    """10000 + ``SLURM_JOB_ID`` % 20000 (the same on every node of a job, below Linux's ephemeral ports, and
+    different for most jobs that share a node); 29500 without a job id."""
+    if "SLURM_JOB_ID" not in environ:
+        return 29500
+    return 10000 + _int_variable(environ, "SLURM_JOB_ID", "") % 20000
+
+
+def slurm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The launcher variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) for a
+    process that ``srun`` started without torchrun, from ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
+    the node list and the job id; a ``MASTER_ADDR``/``MASTER_PORT`` already set is kept. Empty when torchrun's
+    ``RANK``/``WORLD_SIZE`` are set (they win), outside a SLURM task, or for a single task."""
+    if "RANK" in environ or "WORLD_SIZE" in environ or not {"SLURM_PROCID", "SLURM_NTASKS"} <= environ.keys():
+        return {}
+    world_size = _int_variable(environ, "SLURM_NTASKS", "1")
+    if world_size <= 1:
+        return {}
+    rank = _int_variable(environ, "SLURM_PROCID", "0")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"SLURM_PROCID {rank} is not a task of SLURM_NTASKS {world_size} (0 to {world_size - 1}).")
+    out = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(_int_variable(environ, "SLURM_LOCALID", "0")),
+    }
+    per_node = environ.get("SLURM_NTASKS_PER_NODE", "")  # "8"; heterogeneous jobs give "8(x2),4", left alone
+    if "LOCAL_WORLD_SIZE" not in environ and per_node.isdigit():
+        out["LOCAL_WORLD_SIZE"] = per_node  # what DATA.NUM_WORKERS auto shares the node's cores among
+    if "MASTER_ADDR" not in environ:
+        out["MASTER_ADDR"] = _slurm_master_addr(environ)
+    if "MASTER_PORT" not in environ:
+        out["MASTER_PORT"] = str(_slurm_master_port(environ))
+    return out
+
+
 def init_distributed(local_rank_arg: int | None = None) -> DistEnv:
     """Join the process group when a launcher started several processes; otherwise run alone.
 
     ``torchrun`` and ``torch.distributed.launch`` set ``RANK``/``WORLD_SIZE`` (and ``LOCAL_RANK``);
     the older launcher may instead pass ``--local-rank``/``--local_rank``, given here as
-    ``local_rank_arg``. The backend is NCCL with CUDA, gloo on CPU.
+    ``local_rank_arg``. Under ``srun`` without torchrun, the SLURM variables are mapped onto those first
+    (see ``slurm_environment``). The backend is NCCL with CUDA, gloo on CPU.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    os.environ.update(slurm_environment(os.environ))
+    world_size = _int_variable(os.environ, "WORLD_SIZE", "1")
+    rank = _int_variable(os.environ, "RANK", "0")
     if local_rank_arg is not None:
         local_rank = local_rank_arg
     else:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = _int_variable(os.environ, "LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

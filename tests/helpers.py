@@ -180,11 +180,11 @@ def launcher(module: str, nproc: int = 2) -> list[str]:
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without launcher variables (unless given in ``extra``), one thread per process."""
+    """This environment without launcher and SLURM variables (unless given in ``extra``), one thread per process."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
     }
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
