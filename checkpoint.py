@@ -82,6 +82,9 @@ def atomic_copy(source: str, path: str) -> None:
     _fsync_folder(folder)
 
 
+RECOVERY_FILE = "ckpt_recovery.pth"  # the mid-epoch checkpoint (SAVE_STEPS, signals); only the newest is kept
+
+
 def epoch_checkpoints(folder: str) -> list[tuple[int, str]]:
     """``(epoch, path)`` of every ``ckpt_epoch_<N>.pth`` in ``folder``, oldest first."""
     found = []
@@ -236,15 +239,34 @@ def model_state_of(ckpt: Any, path: str, key: str = "model") -> dict[str, torch.
     return {strip_wrapper_prefixes(k): v for k, v in state.items()}
 
 
+def resume_position(ckpt: dict) -> tuple[int, int]:
+    """How far a training checkpoint is: (epoch to run next, optimizer steps of it already done)."""
+    position = ckpt.get("position")
+    if isinstance(position, dict) and position.get("epoch") == int(ckpt["epoch"]) + 1:
+        return int(position["epoch"]), int(position.get("step", 0))
+    return int(ckpt["epoch"]) + 1, 0
+
+
 def find_resumable(folder: str, logger: logging.Logger) -> tuple[str, Any] | None:
-    """The newest ``ckpt_epoch_<N>.pth`` in ``folder`` that loads, with its contents; broken ones are skipped."""
-    for _, path in reversed(epoch_checkpoints(folder)):
+    """The checkpoint of ``folder`` furthest into training that loads, with its contents: the newest
+    ``ckpt_epoch_<N>.pth``, or the mid-epoch recovery checkpoint (:data:`RECOVERY_FILE`) when it is further.
+    Broken files are skipped with a warning."""
+    found = []
+    recovery = os.path.join(folder, RECOVERY_FILE)
+    candidates = ([recovery] if os.path.isfile(recovery) else []) + [p for _, p in reversed(epoch_checkpoints(folder))]
+    for path in candidates:
         try:
             ckpt = load_file(path)
         except CheckpointError as e:
             logger.warning(f"auto-resume: skipping {path}: {e}")
             continue
-        if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
-            return path, ckpt
-        logger.warning(f"auto-resume: skipping {path}: it holds no training state")
-    return None
+        if not (isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt):
+            logger.warning(f"auto-resume: skipping {path}: it holds no training state")
+            continue
+        found.append((resume_position(ckpt), path, ckpt))
+        if path != recovery:
+            break  # the newest loadable epoch checkpoint; older ones are behind it
+    if not found:
+        return None
+    _, path, ckpt = max(found, key=lambda item: item[0])
+    return path, ckpt

@@ -43,6 +43,9 @@ _C.DATA.PIPELINE = "fast"
 # names sorted with DATA.DATASET folder), sorted (plain ImageFolder order), or a text file with one folder name
 # per line (line = index)
 _C.DATA.CLASS_MAP = "auto"
+# Replace an unreadable training image by the next readable one (named in the log each epoch); the run stops when
+# more than 1 % of an epoch's images are unreadable. Off: the first unreadable image stops the run.
+_C.DATA.SKIP_UNREADABLE = False
 
 # Model (the defaults are DFvT-T)
 _C.MODEL = CN()
@@ -148,6 +151,9 @@ _C.OUTPUT = "output"  # output root; runs go to OUTPUT/MODEL.NAME/TAG
 _C.TAG = "default"  # run tag
 _C.SAVE_FREQ = 1  # checkpoint every SAVE_FREQ epochs (also at the last epoch and on a new best)
 _C.SAVE_KEEP = 3  # epoch checkpoints kept (the newest; 0 keeps all), besides ckpt_best.pth
+# also write a mid-epoch recovery checkpoint (ckpt_recovery.pth, only the newest kept) every SAVE_STEPS optimizer
+# steps, so a kill -9 loses at most that many steps (0: off; SIGINT/SIGTERM/SIGUSR1 write one in any case)
+_C.SAVE_STEPS = 0
 _C.PRINT_FREQ = 10  # log every PRINT_FREQ steps
 _C.SEED = 0  # random seed (offset by the rank)
 _C.EVAL_MODE = False  # evaluate only
@@ -260,6 +266,7 @@ RULES: dict[str, Rule] = {
     "DATA.PIN_MEMORY": BOOL,
     "DATA.NUM_WORKERS": Rule(_workers, "'auto' or a number of worker processes (0 or more)"),
     "DATA.PIPELINE": one_of(*PIPELINES),
+    "DATA.SKIP_UNREADABLE": BOOL,
     "DATA.CLASS_MAP": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "auto, sorted or a names file"),
     "MODEL.TYPE": one_of("dfvt"),
     "MODEL.NAME": NAME,
@@ -338,6 +345,7 @@ RULES: dict[str, Rule] = {
     "TAG": NAME,
     "SAVE_FREQ": integer(1),
     "SAVE_KEEP": integer(0),
+    "SAVE_STEPS": integer(0),
     "PRINT_FREQ": integer(1),
     "SEED": integer(0, 2**32 - 1),
     "EVAL_MODE": BOOL,

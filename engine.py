@@ -13,10 +13,11 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import (
+    RECOVERY_FILE,
     atomic_copy,
     atomic_save,
     atomic_write,
@@ -38,13 +40,14 @@ from checkpoint import (
     restore_rng_state,
 )
 from data import Data, RealLabels
+from data.unreadable import SkipUnreadable, check_unreadable
 from distillation import DistillationLoss, with_distillation
-from errors import CheckpointError, DataError, NonFiniteLossError
+from errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, RunStopped
 from logger import create_tensorboard_writer
 from lr_scheduler import optimizer_steps_per_epoch
 from models import load_model_weights, load_pretrained
 from models.weights import loaded_message
-from utils import DistEnv, SmoothedValue, all_reduce_sum, state_fingerprint
+from utils import DistEnv, SmoothedValue, StopRequest, all_reduce_sum, state_fingerprint
 
 # ----------------------------------------------------------------------------------------------- precision and loss
 
@@ -193,6 +196,8 @@ class RunState:
         self.next_epoch = next_epoch
         self.ema = ema
         self.max_accuracy = 0.0
+        self.position: dict[str, Any] | None = None  # mid-epoch progress (EpochProgress.state_dict()), if any
+        self.origin = ""  # the --resume file this run started from (kept in every checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (loadable with ``weights_only``); ``epoch`` is the last finished one."""
@@ -203,7 +208,10 @@ class RunState:
             "scaler": self.scaler.state_dict(),
             "epoch": self.next_epoch - 1,
             "max_accuracy": self.max_accuracy,
+            "origin": self.origin,
         }
+        if self.position is not None:
+            state["position"] = self.position
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
         return state
@@ -234,6 +242,9 @@ class RunState:
             logger.warning(f"{source}: apex loss-scaler state ignored; torch.amp's GradScaler starts afresh")
         self.next_epoch = int(state["epoch"]) + 1
         self.max_accuracy = float(state.get("max_accuracy", 0.0))
+        self.origin = str(state.get("origin", ""))
+        position = state.get("position")
+        self.position = position if isinstance(position, dict) and position.get("epoch") == self.next_epoch else None
 
 
 SUMMARY_FILE, BEST_FILE = "summary.csv", "ckpt_best.pth"
@@ -304,25 +315,63 @@ def writing(path: str) -> Iterator[None]:
         ) from error
 
 
+def batch_norm_statistics(run: RunState) -> dict[str, dict[str, torch.Tensor]]:
+    """This process's BatchNorm statistics (running mean and variance, batch count) of the model and the weight
+    average: per process during an epoch, averaged over processes only at its end (``distribute_bn``)."""
+    out = {}
+    for key, module in (("model", run.model), ("model_ema", run.ema.module if run.ema is not None else None)):
+        if module is not None:
+            out[key] = {
+                f"{name}.{buffer}": getattr(m, buffer).detach().cpu().clone()
+                for name, m in module.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                for buffer in ("running_mean", "running_var", "num_batches_tracked")
+            }
+    return out
+
+
+def restore_batch_norm_statistics(run: RunState, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Inverse of :func:`batch_norm_statistics`."""
+    for key, module in (("model", run.model), ("model_ema", run.ema.module if run.ema is not None else None)):
+        if module is not None and key in saved:
+            buffers = dict(module.named_buffers())
+            for name, value in saved[key].items():
+                buffers[name].copy_(value)
+
+
 def save_checkpoint(path: str, run: RunState, config: CfgNode, env: DistEnv, class_names: list[str] | None) -> None:
     """Write the run's state, the config (YAML text), every process's generator states and the class names (for
-    ``predict.py``) atomically to ``path`` from rank 0 (all processes must call this together)."""
-    rng = gather_rng_states(env)
+    ``predict.py``) atomically to ``path`` from rank 0 (all processes must call this together). Mid-epoch, every
+    process's BatchNorm statistics go in too (``batch_norm``, by rank): they differ until the epoch's end."""
+    extra: dict[str, Any] = {"rng": gather_rng_states(env)}
+    if run.position is not None and env.distributed:
+        statistics: list = [None] * env.world_size
+        torch.distributed.all_gather_object(statistics, batch_norm_statistics(run))
+        extra["batch_norm"] = statistics
     if env.is_main:
         with writing(path):
-            atomic_save({**run.state_dict(), "config": config.dump(), "rng": rng, "class_names": class_names}, path)
+            atomic_save({**run.state_dict(), "config": config.dump(), **extra, "class_names": class_names}, path)
 
 
 def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger) -> str | None:
     """Load what the run starts from: the newest checkpoint of its folder (``TRAIN.AUTO_RESUME``), else
     ``MODEL.RESUME``, else ``MODEL.PRETRAINED`` (weights only). Returns the checkpoint resumed from, if any."""
     path, ckpt = config.MODEL.RESUME, None
+    explicit = os.path.abspath(path) if path else ""
     if config.TRAIN.AUTO_RESUME:
         found = find_resumable(config.OUTPUT, logger)
         if found:
-            if path and path != found[0]:
-                logger.warning(f"auto-resume: {found[0]} is newer than --resume {path}; resuming from it")
+            origin = str(found[1].get("origin", ""))
+            if explicit and explicit not in (os.path.abspath(found[0]), origin):
+                raise ConfigError(
+                    f"--resume {path} is not where the run in {config.OUTPUT} started, and that folder already holds "
+                    f"its checkpoint {found[0]}: drop --resume to continue that run, pass another --tag (or --output) "
+                    f"to start a new run from {path}, or set TRAIN.AUTO_RESUME False to restart this folder from it."
+                )
+            if explicit and explicit == origin:
+                logger.info(f"--resume {path}: this folder's run started from it; continuing that run from {found[0]}")
             path, ckpt = found
+            explicit = ""  # continuing the folder's own run: its checkpoints carry where it started
     if not path:
         if config.MODEL.PRETRAINED:
             load_pretrained(run.model, config.MODEL.PRETRAINED, logger)
@@ -335,18 +384,52 @@ def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger)
         load_model_weights(run.model, model_state_of(ckpt, path), path, logger=logger)
         if run.ema is not None:
             run.ema.set(run.model)
+        run.origin = explicit
         return path
     run.load_state_dict(ckpt, path, logger)
+    run.origin = explicit or run.origin
+    statistics = ckpt.get("batch_norm")
+    if run.position is not None and isinstance(statistics, list) and len(statistics) == env.world_size:
+        restore_batch_norm_statistics(run, statistics[env.rank])  # this process's own, mid-epoch
     rng = ckpt.get("rng")
     if isinstance(rng, list) and len(rng) == env.world_size:
         restore_rng_state(rng[env.rank])
     else:
         logger.warning(f"{path}: no generator state for {env.world_size} process(es); randomness restarts from SEED")
-    logger.info(f"Resumed optimizer, schedule and scaler; continuing at epoch {run.next_epoch}")
+    where = f", step {run.position['step']}" if run.position else ""
+    logger.info(f"Resumed optimizer, schedule and scaler; continuing at epoch {run.next_epoch}{where}")
     return path
 
 
 # ----------------------------------------------------------------------------------------------- loops
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: its optimizer steps done, and the sums (total, count) behind its loss, grad-norm and
+    distillation figures and its scaler-skipped steps, so an epoch continued from a mid-epoch checkpoint reports
+    what the uninterrupted one would."""
+
+    epoch: int
+    step: int = 0
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    skipped: int = 0
+    layout: tuple[int, int, int] = (0, 0, 0)  # processes, batch per process, accumulation steps: what a step means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "sums": self.sums,
+            "skipped": self.skipped,
+            "layout": list(self.layout),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochProgress:
+        sums = {k: [float(v[0]), float(v[1])] for k, v in dict(state.get("sums", {})).items()}
+        layout = tuple(int(x) for x in state.get("layout", (0, 0, 0)))
+        return cls(int(state["epoch"]), int(state["step"]), sums, int(state.get("skipped", 0)), layout)
 
 
 def train_one_epoch(
@@ -361,23 +444,35 @@ def train_one_epoch(
     env: DistEnv,
     logger: logging.Logger,
     writer=None,
+    progress: EpochProgress | None = None,
+    stop: StopRequest | None = None,
+    recovery: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of optimizer steps; each step accumulates ``TRAIN.ACCUMULATION_STEPS`` micro-batches. ``model`` is
     ``run.model`` as the loop calls it (possibly in a DDP or compiled wrapper).
 
     Micro-batches left over after the last full step of the epoch are skipped, so every step applies the mean
-    gradient of exactly ``ACCUMULATION_STEPS`` micro-batches.
+    gradient of exactly ``ACCUMULATION_STEPS`` micro-batches. With ``progress`` the epoch continues after its
+    ``progress.step`` (``loader`` then starts at that step's first micro-batch). After each step, ``recovery`` is
+    called every ``SAVE_STEPS`` steps and when ``stop`` says every process is to stop; the epoch then ends early,
+    with ``stopped`` (the signal) and ``step`` in the returned figures.
     """
     optimizer, scaler = run.optimizer, run.scaler
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
-    steps = optimizer_steps_per_epoch(len(loader), accum)
+    first = progress.step if progress is not None else 0
+    steps = optimizer_steps_per_epoch(len(loader) + first * accum, accum)
     clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD else float("inf")
     loss_meter, norm_meter, time_meter = SmoothedValue(), SmoothedValue(), SmoothedValue()
     distilling = isinstance(criterion, DistillationLoss)
     base_meter, distill_meter = SmoothedValue(), SmoothedValue()  # the distillation loss's two terms, unweighted
+    meters = {"loss": loss_meter, "grad_norm": norm_meter, "base": base_meter, "distill": distill_meter}
     skipped = 0
+    if progress is not None:
+        for name, (total, count) in progress.sums.items():
+            meters[name].total, meters[name].count = total, int(count)
+        skipped = progress.skipped
     # Per-step figures stay on the device until the next report: one host sync per PRINT_FREQ steps, not per step.
     pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, batch size, LR, [loss, grad norm])
 
@@ -425,7 +520,8 @@ def train_one_epoch(
         )
 
     start = end = time.time()
-    for idx, (samples, targets) in enumerate(loader):
+    stopped, step = 0, first
+    for idx, (samples, targets) in enumerate(loader, start=first * accum):
         if idx >= steps * accum:
             break
         samples = samples.to(env.device, non_blocking=True)
@@ -463,6 +559,15 @@ def train_one_epoch(
         end = time.time()
         if step % config.PRINT_FREQ == 0 or step == steps:
             report(step)
+        save = recovery is not None and config.SAVE_STEPS and (epoch * steps + step) % config.SAVE_STEPS == 0
+        stopped = stop.agreed() if stop is not None else 0
+        if save or (stopped and recovery is not None):
+            if pending:
+                report(step)  # the figures so far go into the checkpoint (and a non-finite loss is never saved)
+            sums = {name: [m.total, m.count] for name, m in meters.items() if m.count}
+            recovery(EpochProgress(epoch, step, sums, skipped))
+        if stopped:
+            break
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     if skipped:
         logger.warning(f"EPOCH {epoch}: the grad scaler skipped {skipped} of {steps} steps (inf/NaN gradients)")
@@ -471,6 +576,10 @@ def train_one_epoch(
         "grad_norm": norm_meter.global_avg,
         "epoch_time": time.time() - start,
         "skipped_steps": skipped,
+        "stopped": stopped,
+        "step": step,
+        "first_step": first,
+        "steps": steps,
         **({"loss_base": base_meter.global_avg, "loss_distill": distill_meter.global_avg} if distilling else {}),
     }
 
@@ -595,6 +704,19 @@ def throughput(config: CfgNode, loader, model: nn.Module, precision: Precision, 
     return rate
 
 
+def report_unreadable(skip: SkipUnreadable, stats: dict, epoch: int, config: CfgNode, env: DistEnv, logger) -> None:
+    """Name the training images ``DATA.SKIP_UNREADABLE`` replaced this epoch (on their rank) and stop every rank in
+    one line when they were more than 1 % of the images the epoch drew on all ranks."""
+    skipped = skip.drain()
+    for item in skipped:
+        logger.warning(f"EPOCH {epoch}: unreadable training image replaced by the next readable one: {item.message}")
+    drawn = (stats["step"] - stats["first_step"]) * config.TRAIN.ACCUMULATION_STEPS * config.DATA.BATCH_SIZE
+    count, images = all_reduce_sum([len(skipped), drawn], env.device)
+    if count:
+        logger.info(f"EPOCH {epoch}: {int(count)} unreadable of {int(images)} training images drawn (all processes)")
+    check_unreadable(int(count), int(images))
+
+
 def train(
     config: CfgNode,
     run: RunState,
@@ -605,30 +727,88 @@ def train(
     logger: logging.Logger,
     last_saved: str | None = None,
     teacher: nn.Module | None = None,
+    stop: StopRequest | None = None,
 ) -> None:
     """Epochs ``run.next_epoch`` .. ``TRAIN.EPOCHS - 1``: train, average BatchNorm statistics over processes,
     validate (the weight average too), write ``summary.csv``, and save every ``SAVE_FREQ`` epochs, at the last epoch
-    and on a new best top-1 (also as ``ckpt_best.pth``), keeping the newest ``SAVE_KEEP`` epoch checkpoints."""
+    and on a new best top-1 (also as ``ckpt_best.pth``), keeping the newest ``SAVE_KEEP`` epoch checkpoints.
+
+    A run resumed mid-epoch (``run.position``) continues that epoch after its last step. Every ``SAVE_STEPS`` steps,
+    and when ``stop`` reports a signal, the run's state is written to the recovery checkpoint; a signal then ends the
+    run with :class:`RunStopped` (after the current step, or after the epoch if it came during validation)."""
     criterion = with_distillation(config, build_criterion(config, data.mixup_fn is not None), teacher)
     class_names = list(data.info.class_names) if data.info.class_names else None
     writer = create_tensorboard_writer(config.OUTPUT, env.rank, logger)
     summary = os.path.join(config.OUTPUT, SUMMARY_FILE)
     if env.is_main:
         update_summary(summary, run.next_epoch)  # rows of epochs not covered by the resumed state are run again
+    recovery_path = os.path.join(config.OUTPUT, RECOVERY_FILE)
+
+    layout = (env.world_size, config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS)
+
+    def save_recovery(progress: EpochProgress) -> None:
+        progress.layout = layout
+        run.position = progress.state_dict()
+        try:
+            save_checkpoint(recovery_path, run, config, env, class_names)
+        finally:
+            run.position = None
+        logger.info(f"{recovery_path} saved (epoch {progress.epoch}, step {progress.step})")
+
+    if run.next_epoch >= config.TRAIN.EPOCHS:
+        logger.info(
+            f"This run is finished: {last_saved or 'its checkpoint'} holds all {config.TRAIN.EPOCHS} epochs. Raise "
+            f"TRAIN.EPOCHS to train on, or pass another --tag to start a new run."
+        )
     logger.info("Start training")
     start = time.time()
     for epoch in range(run.next_epoch, config.TRAIN.EPOCHS):
-        if hasattr(data.train.sampler, "set_epoch"):
+        progress = None
+        if run.position is not None and run.position["epoch"] == epoch:
+            progress = EpochProgress.from_state(run.position)
+            if progress.step and progress.layout != layout:
+                logger.warning(
+                    f"the checkpoint stopped at epoch {epoch}, step {progress.step} with (processes, batch, "
+                    f"accumulation) {progress.layout}, this run has {layout}: its steps differ, so epoch {epoch} "
+                    f"restarts from its first step"
+                )
+                progress = None
+        run.position = None
+        first_batch = progress.step * config.TRAIN.ACCUMULATION_STEPS if progress is not None else 0
+        if hasattr(data.train, "set_epoch"):
+            data.train.set_epoch(epoch, first_batch)
+        elif hasattr(data.train.sampler, "set_epoch"):
             data.train.sampler.set_epoch(epoch)
         try:
             stats = train_one_epoch(
-                config, run, model, criterion, data.train, data.mixup_fn, epoch, precision, env, logger, writer
+                config,
+                run,
+                model,
+                criterion,
+                data.train,
+                data.mixup_fn,
+                epoch,
+                precision,
+                env,
+                logger,
+                writer,
+                progress=progress,
+                stop=stop,
+                recovery=save_recovery,
             )
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
                 f"{e}; stopped without saving. Last good checkpoint: {last_saved or 'none yet'}. "
                 f"Lower TRAIN.BASE_LR or check the data, then resume from it."
             ) from e
+        if data.unreadable is not None:
+            report_unreadable(data.unreadable, stats, epoch, config, env, logger)
+        if stats["stopped"]:
+            raise RunStopped(
+                f"stopped by {signal.Signals(stats['stopped']).name} at epoch {epoch}, step {stats['step']}/"
+                f"{stats['steps']} (saved in {recovery_path}); rerun the same command to continue from there.",
+                stats["stopped"],
+            )
         if env.distributed:
             # BatchNorm statistics are per process; average them so every rank validates and saves the same model.
             distribute_bn(model, env.world_size, reduce=True)
@@ -680,8 +860,18 @@ def train(
                     logger.info(f"{BEST_FILE}: epoch {epoch}, top-1 {acc1:.3f}")
                 for old in prune_checkpoints(config.OUTPUT, config.SAVE_KEEP):  # only once the new file is whole
                     logger.info(f"{old} removed (SAVE_KEEP {config.SAVE_KEEP})")
+                if os.path.exists(recovery_path):  # older than the epoch checkpoint just written
+                    os.unlink(recovery_path)
         logger.info(f"Accuracy of the network on the {data.info.num_val} test images: {acc1:.1f}%")
         logger.info(f"Max accuracy: {run.max_accuracy:.2f}%")
+        signum = stop.agreed() if stop is not None else 0
+        if signum and epoch < config.TRAIN.EPOCHS - 1:  # the signal came during validation or saving
+            if not last_saved or not last_saved.endswith(f"ckpt_epoch_{epoch}.pth"):
+                save_recovery(EpochProgress(epoch + 1))
+            raise RunStopped(
+                f"stopped by {signal.Signals(signum).name} after epoch {epoch}; rerun the same command to continue.",
+                signum,
+            )
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     logger.info(f"Final weights fingerprint (sha256 of the state_dict): {state_fingerprint(run.model)}")
     if run.ema is not None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -20,13 +21,21 @@ import engine
 from config import get_default_config, update_config
 from data import Data, build_loader, describe_eval_transform
 from distillation import build_teacher
-from errors import ConfigError, DFvTError, RunFolderBusyError
+from errors import ConfigError, DFvTError, RunFolderBusyError, RunStopped
 from logger import create_logger
 from lr_scheduler import LearningRates, build_scheduler, linear_scaled_lrs, optimizer_steps_per_epoch
 from models import build_model
 from models.complexity import complexity_summary
 from optimizer import build_optimizer
-from utils import DistEnv, check_writable_folder, destroy_distributed, init_distributed, lock_run_folder, set_seed
+from utils import (
+    DistEnv,
+    StopRequest,
+    check_writable_folder,
+    destroy_distributed,
+    init_distributed,
+    lock_run_folder,
+    set_seed,
+)
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,8 +100,9 @@ def run_summary(
     return "\n".join(lines)
 
 
-def run(config, env: DistEnv, logger: logging.Logger) -> None:
-    """Build what the mode needs and hand it to the engine: throughput, evaluation, or training."""
+def run(config, env: DistEnv, logger: logging.Logger, stop: StopRequest | None = None) -> None:
+    """Build what the mode needs and hand it to the engine: throughput, evaluation, or training (which ``stop``
+    ends early, after a step, with a checkpoint to continue from)."""
     if env.is_main:
         with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -125,7 +135,17 @@ def run(config, env: DistEnv, logger: logging.Logger) -> None:
     state = engine.RunState(bare, optimizer, scheduler, scaler, next_epoch=config.TRAIN.START_EPOCH, ema=ema)
     logger.info(run_summary(config, env, data, complexity, precision, lrs))
     resumed = engine.resume(config, state, env, logger)
-    engine.train(config, state, model, data, precision, env, logger, last_saved=resumed, teacher=teacher)
+    engine.train(config, state, model, data, precision, env, logger, last_saved=resumed, teacher=teacher, stop=stop)
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the run ended (its own error, a signal)."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator", "Broken pipe")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +171,44 @@ def main(argv: list[str] | None = None) -> int:
         destroy_distributed()
         return 2
     logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
+    # Training: SIGINT, SIGTERM and SIGUSR1 stop it after the current step, with a checkpoint (from here on, so a
+    # Ctrl-C while the data and the loader workers start is not lost).
+    stop = None if config.EVAL_MODE or config.THROUGHPUT_MODE else StopRequest(env).install()
     try:
         set_seed(config.SEED + env.rank)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         logger.info(f"rank {env.rank}/{env.world_size}, device {env.device}")
-        run(config, env, logger)
+        run(config, env, logger, stop)
+    except RunStopped as e:
+        logger.warning(str(e))
+        return 128 + e.signum
     except DFvTError as e:
         logger.error(f"{type(e).__name__}: {e}")
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted (Ctrl-C, twice while training); the checkpoints written so far are intact")
+        return 128 + signal.SIGINT
+    except Exception as e:
+        if env.distributed and peer_failure(e):
+            logger.error(
+                f"another process of this run stopped ({str(e).splitlines()[0][:160]}); its log says why: "
+                f"{os.path.join(config.OUTPUT, 'log_rank<R>.txt')}"
+            )
+            return 2
+        if stop is not None and stop.signum:  # e.g. a SIGTERM sent to every process also ended the loader workers
+            name = signal.Signals(stop.signum).name
+            logger.warning(
+                f"stopped by {name} before the step could finish ({type(e).__name__}: {str(e).splitlines()[0]}); the "
+                f"last checkpoint is intact: rerun the same command to continue from it (under SLURM, ask for an "
+                f"early SIGUSR1, e.g. --signal=USR1@120, which only the main processes act on)"
+            )
+            return 128 + stop.signum
+        logger.exception("the run failed with an unexpected error (a bug: please report it with this log)")
+        return 1
     finally:
+        if stop is not None:
+            stop.uninstall()
         destroy_distributed()
         if lock is not None:
             lock.close()  # releases the run lock (the OS does it too if the process dies first)

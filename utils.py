@@ -8,11 +8,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -297,3 +298,46 @@ def check_writable_folder(folder: str) -> None:
             f"the output folder {folder} is not writable ({e.strerror or e}); pass --output (OUTPUT) a folder you can "
             f"write to, or fix its permissions."
         ) from e
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C), SIGTERM (a launcher or scheduler stopping the job) and SIGUSR1 (SLURM's warning before it
+    preempts, with ``--signal``) become a request that training honours after its current optimizer step.
+
+    The handlers only record the signal; :meth:`agreed` (called by every rank after every step) tells all ranks
+    the same answer, so they stop after the same step. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+    Across processes the answer goes through a gloo group of its own (a tiny CPU all-reduce, no GPU sync).
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+        self._group = dist.new_group(backend="gloo") if env.distributed else None
+
+    def install(self) -> StopRequest:
+        """Take over the stop signals (main thread only); :meth:`uninstall` gives them back."""
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
+        self.signum = self.signum or signum
+
+    def agreed(self) -> int:
+        """The signal every process stops for now (the largest received on any rank), or 0 to go on. A
+        collective: every rank calls it at the same points."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())

@@ -5,7 +5,8 @@ from .class_map import RealLabels, imagenet_index, load_real_labels, resolve_cla
 from .device import DeviceLoader, normalize_uint8
 from .digits import prepare_digits
 from .images import EncodedImage, decode_rgb_image, decode_uint8, load_rgb_image, read_encoded
-from .samplers import ShardedEvalSampler, ShardRandomSampler
+from .samplers import ResumableSampler, ShardedEvalSampler, ShardRandomSampler
+from .seeding import SeededSamples, derive_seed, isolated_rng
 from .transforms import build_mixup, build_transform, build_uint8_transform, describe_eval_transform
 from .zip_dataset import ZipImageDataset, parse_map_file
 
@@ -15,6 +16,8 @@ __all__ = [
     "DeviceLoader",
     "EncodedImage",
     "RealLabels",
+    "ResumableSampler",
+    "SeededSamples",
     "ShardRandomSampler",
     "ShardedEvalSampler",
     "ZipImageDataset",
@@ -24,9 +27,11 @@ __all__ = [
     "build_uint8_transform",
     "decode_rgb_image",
     "decode_uint8",
+    "derive_seed",
     "describe_eval_transform",
     "dist_rank_world",
     "imagenet_index",
+    "isolated_rng",
     "load_real_labels",
     "load_rgb_image",
     "normalize_uint8",

@@ -23,8 +23,10 @@ from .device import DeviceLoader, collate_uint8
 from .digits import prepare_digits
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
 from .images import EncodedImage, decode_rgb_image, load_rgb_image, read_encoded
-from .samplers import ShardedEvalSampler, ShardRandomSampler
+from .samplers import ResumableSampler, ShardedEvalSampler, ShardRandomSampler
+from .seeding import SeededSamples, ignore_stop_signals
 from .transforms import build_mixup, build_transform, build_uint8_transform
+from .unreadable import SkipUnreadable
 from .zip_dataset import ZipImageDataset, parse_map_file
 
 ZIP_LAYOUT = "<root>/train.zip, <root>/train_map.txt, <root>/val.zip, <root>/val_map.txt"
@@ -58,7 +60,8 @@ class DataInfo:
 class Data:
     """The loaders of one process, yielding model-ready batches on its device; ``train`` and ``mixup_fn`` are None
     in ``EVAL_MODE``; ``num_workers`` is the loader worker count ``DATA.NUM_WORKERS`` resolved to; ``real_labels``
-    the ReaL labels of the validation images (``TEST.REAL_LABELS`` in ``EVAL_MODE``), else None."""
+    the ReaL labels of the validation images (``TEST.REAL_LABELS`` in ``EVAL_MODE``), else None; ``unreadable``
+    the training set's :class:`SkipUnreadable` with ``DATA.SKIP_UNREADABLE`` (drain it after each epoch)."""
 
     info: DataInfo
     train: DeviceLoader | None
@@ -66,6 +69,7 @@ class Data:
     mixup_fn: Mixup | None
     num_workers: int = 0
     real_labels: RealLabels | None = None
+    unreadable: SkipUnreadable | None = None
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -202,22 +206,30 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
         "batch_size": config.DATA.BATCH_SIZE,
         "num_workers": workers,
         "pin_memory": bool(config.DATA.PIN_MEMORY and device.type == "cuda"),
-        # Fresh workers each epoch draw their seeds from the main RNG, which a checkpoint restores: exact resume.
+        # Fresh workers each epoch; augmentation is seeded per image and epoch (data.seeding): exact resume.
         "persistent_workers": False,
+        "worker_init_fn": ignore_stop_signals,
+        # The loaders' own generator: creating an iterator then draws nothing from the main process's generators.
+        "generator": torch.Generator().manual_seed(config.SEED),
     }
     if config.DATA.PIPELINE == "fast":
         common["collate_fn"] = collate_uint8
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    loader_train = None
+    loader_train, skip = None, None
     if ds_train is not None:
-        sampler = _train_sampler(config, ds_train, root, rank, world)
+        sampler = ResumableSampler(_train_sampler(config, ds_train, root, rank, world))
         erasing = None
         if config.DATA.PIPELINE == "fast" and config.AUG.REPROB > 0:
             a = config.AUG
             erasing = RandomErasing(a.REPROB, mode=a.REMODE, max_count=a.RECOUNT, device=device)
-        loader = DataLoader(ds_train, sampler=sampler, drop_last=True, **common)
-        loader_train = DeviceLoader(loader, device, mean, std, erasing)
+        if config.DATA.SKIP_UNREADABLE:
+            n = len(ds_train)
+            part = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part"  # replacements from this shard's cache
+            skip = SkipUnreadable(ds_train, range(rank, n, world) if part else None)
+        dataset = SeededSamples(skip if skip is not None else ds_train, config.SEED)
+        loader = DataLoader(dataset, sampler=sampler, drop_last=True, **common)
+        loader_train = DeviceLoader(loader, device, mean, std, erasing, seed=config.SEED, rank=rank)
     val_sampler = ShardedEvalSampler(len(ds_val), rank, world)
     loader_val = DeviceLoader(DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common), device, mean, std)
     mixup_fn = build_mixup(config, num_classes) if train else None
-    return Data(info, loader_train, loader_val, mixup_fn, workers, real)
+    return Data(info, loader_train, loader_val, mixup_fn, workers, real, skip)

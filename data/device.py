@@ -12,6 +12,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from errors import DataError
 
+from .samplers import ResumableSampler
+from .seeding import derive_seed, isolated_rng
+
 
 def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``[(uint8 3×H×W image, label), ...]`` -> ``(uint8 N×3×H×W batch in channels-last memory, int64 labels)``.
@@ -54,8 +57,9 @@ class DeviceLoader:
     timm's class is not used because it always normalises (float batches too) and divides by ``255 × std`` in one
     step, which differs from the float pipeline in the last bit.
 
-    The random draws (erasing) happen in this process in batch order, whatever the prefetching, so a run restored
-    from its generator states at an epoch boundary repeats them exactly.
+    With a ``seed``, each batch is erased under generators seeded from ``(seed, epoch, rank, batch index)``
+    (:mod:`data.seeding`): the same whatever the prefetching or the batch a run continues from, and without drawing
+    from the caller's generators. :meth:`set_epoch` positions the next pass (epoch, first batch).
     """
 
     def __init__(
@@ -65,8 +69,11 @@ class DeviceLoader:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         erasing: RandomErasing | None = None,
+        seed: int | None = None,
+        rank: int = 0,
     ) -> None:
         self.loader, self.device, self.erasing = loader, torch.device(device), erasing
+        self.seed, self.rank, self.epoch, self.first_batch = seed, rank, 0, 0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self._stream = None
@@ -86,30 +93,47 @@ class DeviceLoader:
     def batch_size(self) -> int | None:
         return self.loader.batch_size
 
-    def prepare(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One host batch -> the model's input on the device."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass is ``epoch`` (the sampler's and the dataset's too) and starts at batch ``first_batch``."""
+        sampler, dataset = self.loader.sampler, self.loader.dataset
+        if isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(epoch, first_batch * (self.loader.batch_size or 1))
+        elif first_batch:
+            raise ValueError("only a ResumableSampler can start an epoch part-way")
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def prepare(self, images: torch.Tensor, targets: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host batch number ``index`` of the epoch -> the model's input on the device."""
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = normalize_uint8(images, self.mean, self.std)
             if self.erasing is not None:
-                images = self.erasing(images)
+                if self.seed is None:
+                    images = self.erasing(images)
+                else:
+                    with isolated_rng(derive_seed(self.seed, self.epoch, self.rank, index), self.device):
+                        images = self.erasing(images)
         return images, targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for images, targets in self.loader:
-                yield self.prepare(images, targets)
+            for index, (images, targets) in enumerate(self.loader, start=self.first_batch):
+                yield self.prepare(images, targets, index)
             return
         if self._stream is None:  # one stream for the loader's life: the allocator caches blocks per stream
             self._stream = torch.cuda.Stream(device=self.device)
         consumer = torch.cuda.current_stream(self.device)
         pending = None
-        for images, targets in self.loader:
+        for index, (images, targets) in enumerate(self.loader, start=self.first_batch):
             # Memory the consumer freed may be reused below: let its queued work finish before writing into it.
             self._stream.wait_stream(consumer)
             with torch.cuda.stream(self._stream):
-                ready = self.prepare(images, targets)
+                ready = self.prepare(images, targets, index)
             if pending is not None:
                 yield pending
             consumer = torch.cuda.current_stream(self.device)

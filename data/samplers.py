@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -56,3 +57,26 @@ class ShardRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableSampler(Sampler[int]):
+    """``sampler``'s order for an epoch, optionally without its first ``skip`` indices (a run continuing mid-epoch).
+
+    ``set_epoch(epoch, skip)`` sets both for the next iteration; ``len`` counts what is left.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        if not 0 <= skip <= len(self.sampler):
+            raise ValueError(f"skip {skip} must be in [0, {len(self.sampler)}]")
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip

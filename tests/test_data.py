@@ -19,6 +19,7 @@ import data.build
 from config import load_config
 from data import (
     DataInfo,
+    ResumableSampler,
     ShardedEvalSampler,
     ShardRandomSampler,
     ZipImageDataset,
@@ -66,9 +67,10 @@ def test_folder_loaders_yield_batches(image_folder):
     assert data.info == DataInfo(image_folder, 3, ("a", "b", "c"), 12, 9)
     assert config == cfg(image_folder) and config.MODEL.NUM_CLASSES == 1000  # the data never rewrites the config
     assert (len(ds_train), len(ds_val)) == (12, 9)
-    assert isinstance(loader_train.sampler, DistributedSampler) and loader_train.loader.drop_last
+    assert isinstance(loader_train.sampler, ResumableSampler) and loader_train.loader.drop_last
+    assert isinstance(loader_train.sampler.sampler, DistributedSampler)
     assert isinstance(loader_val.sampler, ShardedEvalSampler) and not loader_val.loader.drop_last
-    loader_train.sampler.set_epoch(1)
+    loader_train.set_epoch(1)
     check_batches(loader_train, 3, 3)
     check_batches(loader_val, 3, 3, total=9)
     assert isinstance(mixup_fn, Mixup) and mixup_fn.num_classes == 3
@@ -111,7 +113,7 @@ def test_zip_loaders_each_cache_mode(image_folder, tmp_path, mode):
     assert data.info == DataInfo(root, 3, None, 12, 9)  # zip maps carry labels, not class names
     assert ds_train.cached_indices == ([] if mode == "no" else list(range(12)))
     sampler_type = ShardRandomSampler if mode == "part" else DistributedSampler
-    assert isinstance(loader_train.sampler, sampler_type)
+    assert isinstance(loader_train.sampler.sampler, sampler_type)
     check_batches(loader_train, 3, 3)
     check_batches(loader_val, 3, 3, total=9)
     # Same pixels as the folder dataset.

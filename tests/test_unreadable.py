@@ -1,0 +1,268 @@
+"""Unreadable images: an error raised in a loader worker reaches the user as its own one line, and the wrapper of
+DATA.SKIP_UNREADABLE (data/unreadable.py) replaces them by the next readable image, collects them from the loader
+workers and applies the 1 % rule."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.unreadable import SkipUnreadable, UnreadableImage, check_unreadable
+from errors import CheckpointError, ConfigError, DataError, DFvTError
+from tests.helpers import FINGERPRINT, check, launcher, log_of, main_args, run, write_image_folder
+
+
+def message(i: int) -> str:
+    return f"cannot read image /data/{i}.jpg: image file is truncated; remove or replace the file"
+
+
+class Items(Dataset):
+    """Item ``i`` is ``(i, a draw from torch's generator)``; the ``bad`` indices raise :class:`DataError` after their
+    draw, as a transform that fails part-way would."""
+
+    def __init__(self, n: int, bad: tuple[int, ...] = ()) -> None:
+        self.n, self.bad = n, frozenset(bad)
+        self.reads: list[int] = []  # the indices read, in order (in this process)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, float]:
+        self.reads.append(i)
+        draw = torch.rand(()).item()
+        if i in self.bad:
+            raise DataError(message(i))
+        return i, draw
+
+
+class Raising(Dataset):
+    """One item, which raises ``error`` (with an OSError as its cause when ``chained``)."""
+
+    def __init__(self, error: Exception, chained: bool) -> None:
+        self.error, self.chained = error, chained
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> None:
+        if not self.chained:
+            raise self.error
+        try:
+            raise OSError("image file is truncated")
+        except OSError as e:
+            raise self.error from e
+
+
+def error_from_a_worker(dataset: Dataset) -> DFvTError:
+    try:
+        next(iter(DataLoader(dataset, num_workers=1)))
+    except DFvTError as e:
+        e.__traceback__ = None  # frees the loader now, so its worker stops at once (not at a later gc, 5 s on)
+        return e
+    raise AssertionError("the worker's error did not reach the main process")
+
+
+# ----------------------------------------------------------------------------------------------- errors from workers
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["plain", "chained"])
+@pytest.mark.parametrize("kind", [DataError, CheckpointError])
+def test_an_error_in_a_loader_worker_reaches_the_main_process_as_its_one_line(kind, chained):
+    line = "cannot read /x/y.jpg: image file is truncated; remove or replace the file"
+    err = error_from_a_worker(Raising(kind(line), chained))
+    assert type(err) is kind and str(err) == line and err.args == (line,)
+    assert err.worker_traceback.startswith(f"Caught {kind.__name__} in DataLoader worker process 0.\nOriginal ")
+    assert ("OSError: image file is truncated" in err.worker_traceback) is chained
+    again = pickle.loads(pickle.dumps(err))  # as another process (a launcher, a worker) would see it
+    assert str(again) == line and again.worker_traceback == err.worker_traceback
+
+
+def test_messages_that_are_not_a_worker_report_are_kept():
+    report = "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    report += '  File "x.py", line 1, in f\nerrors.DataError: the line\n'
+    assert str(DataError(report)) == "the line"
+    assert str(ConfigError(report)) == report  # another class's report: not this error's
+    for text in ("two\nlines", "Caught DataError somewhere", report.replace("errors.DataError: the line", "boom")):
+        assert str(DataError(text)) == text and DataError(text).worker_traceback is None
+
+
+@pytest.mark.slow
+def test_a_truncated_image_read_by_a_worker_stops_main_py_with_the_same_line_as_without_workers(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    bad = data / "train" / "b" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    lines = {}
+    for workers in ("0", "1"):
+        out = tmp_path / f"out{workers}"
+        proc = run([sys.executable, *main_args(data, out, opts=("DATA.NUM_WORKERS", workers))], timeout=120)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "Traceback" not in proc.stdout + proc.stderr
+        errors = [line for line in log_of(out).splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"DataError: cannot read image {bad}: " in errors[0], errors
+        lines[workers] = errors[0].split(" ERROR ", 1)[1]
+    assert lines["1"] == lines["0"]
+
+
+# ----------------------------------------------------------------------------------------------- the replacement
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_readable_one():
+    skip = SkipUnreadable(Items(400, bad=(2, 3, 399)))
+    expected = list(range(400))
+    expected[2] = expected[3] = 4  # 3 is unreadable too
+    expected[399] = 0  # wraps round
+    assert [skip[i][0] for i in range(400)] == expected
+    skip.close()
+
+
+def test_the_replacement_follows_the_shard():
+    odd = SkipUnreadable(Items(400, bad=(3, 5, 399)), shard_indices=range(1, 400, 2))
+    assert [odd[i][0] for i in (1, 3, 5, 7, 399)] == [1, 7, 7, 7, 1]
+    assert odd[4][0] == 4 and odd[3][0] == 7
+    listed = SkipUnreadable(Items(400, bad=(4, 7, 8)), shard_indices=[9, 4, 7, 1])
+    assert [listed[i][0] for i in (9, 4, 7, 1)] == [9, 1, 1, 1]
+    assert listed[8][0] == 9  # not in the shard: i + 1, ...
+    for skip in (odd, listed):
+        skip.close()
+    with pytest.raises(ValueError, match="repeat"):
+        SkipUnreadable(Items(10), shard_indices=[1, 2, 1])
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        SkipUnreadable(Items(10), shard_indices=[3, 10])
+
+
+def test_the_replacement_does_not_depend_on_what_the_process_met_before():
+    skip = SkipUnreadable(Items(400, bad=(2, 3)))
+    torch.manual_seed(0)
+    torch.rand(())  # the unreadable image 2 draws once, then fails
+    expected = (4, torch.rand(()).item())  # image 4 gets the next draw: image 3's failed draw is undone
+    for _ in range(2):  # the second time 3 is known to be unreadable and not read again
+        torch.manual_seed(0)
+        assert skip[2] == expected
+    assert skip.dataset.reads == [2, 3, 4, 2, 4]
+    fresh = SkipUnreadable(Items(400, bad=(2, 3)))
+    fresh[3]  # meets 3 first, on its own
+    torch.manual_seed(0)
+    assert fresh[2] == expected
+    for wrapper in (skip, fresh):
+        wrapper.close()
+
+
+def test_other_errors_are_not_skipped():
+    class Broken(Items):
+        def __getitem__(self, i):
+            raise RuntimeError("a bug, not an unreadable image")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        SkipUnreadable(Broken(400))[0]
+
+
+# ----------------------------------------------------------------------------------------------- the records
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_reach_drain_once_each_every_epoch(workers):
+    skip = SkipUnreadable(Items(400, bad=(2, 3, 399)))
+    # One image per batch: with two workers, image 3 is met by the worker drawing 2 and by the one drawing 3.
+    loader = DataLoader(skip, batch_size=1, num_workers=workers, generator=torch.Generator().manual_seed(5))
+    expected_ids = [4 if i in (2, 3) else 0 if i == 399 else i for i in range(400)]
+    expected_notes = [UnreadableImage(i, message(i)) for i in (2, 3, 399)]
+    epochs = []
+    for _ in range(2):
+        torch.manual_seed(5)  # the draws without workers
+        loader.generator.manual_seed(5)  # the workers' seeds
+        epochs.append([(int(i), float(draw)) for i, draw in loader])
+        assert [i for i, _ in epochs[-1]] == expected_ids
+        assert skip.drain() == expected_notes
+        assert skip.drain() == []
+    assert epochs[0] == epochs[1]  # the same epoch replayed: the same images and draws
+    skip.close()
+
+
+def test_notes_from_a_pickled_copy_reach_the_original():
+    skip = SkipUnreadable(Items(400, bad=(7,)))
+    copy = pickle.loads(pickle.dumps(skip))  # how a spawned worker gets the dataset
+    assert copy[7][0] == 8
+    assert skip.drain() == [UnreadableImage(7, message(7))]
+    folder = skip.folder
+    copy.close()  # a copy leaves the folder alone
+    assert os.path.isdir(folder)
+    skip.close()
+    assert not os.path.exists(folder)
+
+
+# ----------------------------------------------------------------------------------------------- the 1 % rule
+
+
+@pytest.mark.parametrize(
+    "count,images,stops",
+    [(0, 0, False), (1, 100, False), (2, 100, True), (100, 10000, False), (101, 10000, True), (1, 0, True)],
+)
+def test_the_run_stops_past_one_percent_unreadable(count, images, stops):
+    if not stops:
+        check_unreadable(count, images)
+        return
+    with pytest.raises(DataError) as err:
+        check_unreadable(count, images)
+    text = str(err.value)
+    assert text.startswith(f"{count} of {images} training images (") and "more than the 1 %" in text
+    assert "\n" not in text and "fix or remove them" in text
+    if images == 100:
+        assert "(2.00 %)" in text
+
+
+def test_a_search_past_one_percent_in_a_row_stops_at_once():
+    assert SkipUnreadable(Items(200, bad=(0, 1)))[0][0] == 2  # 2 of 200 in a row: 1 %, not more
+    with pytest.raises(DataError) as err:
+        SkipUnreadable(Items(200, bad=(0, 1, 2)))[0]
+    text = str(err.value)
+    assert text.startswith("3 training images in a row are unreadable") and "of the 200" in text
+    assert text.endswith(f"starting with: {message(0)}") and "\n" not in text
+    with pytest.raises(DataError, match=r"^all 2 images .* starting with: " + message(1)):
+        SkipUnreadable(Items(400, bad=(1, 3)), shard_indices=[1, 3])[1]
+
+
+# ----------------------------------------------------------------------------------------------- through main.py
+
+
+@pytest.mark.slow
+def test_skip_unreadable_trains_on_names_the_file_and_stops_past_one_percent(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=34, n_val=1, size=(36, 36))  # 102 training images
+    bad = [data / "train" / "a" / "5.jpg", data / "train" / "c" / "9.jpg"]
+    bad[0].write_bytes(bad[0].read_bytes()[:100])
+    opts = ("DATA.SKIP_UNREADABLE", "True", "DATA.NUM_WORKERS", "1", "PRINT_FREQ", "100", "AUG.AUTO_AUGMENT", "none")
+    prints = []
+    for workers in ("1", "0"):  # the replacement (and so the run) does not depend on the loader processes
+        out = tmp_path / f"one{workers}"
+        check(run([sys.executable, *main_args(data, out, opts=(*opts, "DATA.NUM_WORKERS", workers))]))
+        log = log_of(out)
+        named = [line for line in log.splitlines() if "unreadable training image replaced" in line]
+        assert len(named) == 1 and str(bad[0]) in named[0], named
+        assert "EPOCH 0: 1 unreadable of 100 training images drawn" in log  # 25 steps of 4
+        prints.append(FINGERPRINT.search(log).group(1))
+    assert prints[0] == prints[1]
+    bad[1].write_bytes(bad[1].read_bytes()[:100])  # 2 of ~100: past 1 %
+    out = tmp_path / "two"
+    proc = run([sys.executable, *main_args(data, out, opts=opts)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in log_of(out).splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "training images (2.00 %) were unreadable this epoch, more than the 1 %" in errors[0]
+
+
+@pytest.mark.slow
+def test_every_rank_ends_in_one_line_when_one_rank_meets_a_bad_image(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=8)
+    bad = data / "train" / "b" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    out = tmp_path / "out"
+    run([*launcher("torch.distributed.run"), *main_args(data, out, opts=("DATA.NUM_WORKERS", "1"))], timeout=200)
+    lines = [[line for line in log_of(out, rank).splitlines() if " ERROR " in line] for rank in (0, 1)]
+    assert all(len(found) == 1 for found in lines), lines
+    reader = 0 if str(bad) in lines[0][0] else 1  # the rank whose shard holds the file names it; the other says why
+    assert f"DataError: cannot read image {bad}" in lines[reader][0]
+    assert "another process of this run stopped" in lines[1 - reader][0] and "log_rank<R>.txt" in lines[1 - reader][0]
+    assert "Traceback" not in log_of(out, 0) + log_of(out, 1)
