@@ -40,6 +40,7 @@ from checkpoint import (
     restore_rng_state,
 )
 from data import Data, RealLabels
+from data.check import base_dataset, check_images, problems_line
 from data.unreadable import SkipUnreadable, check_unreadable
 from distillation import DistillationLoss, with_distillation
 from errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, RunStopped
@@ -878,6 +879,31 @@ def train(
         logger.info(f"Final EMA fingerprint (sha256 of the state_dict): {state_fingerprint(run.ema.module)}")
     if writer is not None:
         writer.close()
+
+
+def check_data(data: Data, env: DistEnv, logger: logging.Logger, full: bool) -> None:
+    """Read the images before a run needs them, each process its share: the validation split's headers (and a full
+    decode of those that look cut short) before training, so a bad file does not cost an epoch; with ``full``
+    (``main.py --check-data``) every image of both splits, decoded. Each unreadable image is logged; any raise a
+    :class:`DataError` on every process, naming the first few."""
+    splits = [("validation", data.val)] + ([("training", data.train)] if full and data.train is not None else [])
+    for split, loader in splits:
+        dataset = base_dataset(loader.dataset)
+        n = len(dataset)
+        indices = list(loader.sampler) if loader is data.val else range(env.rank, n, env.world_size)
+        start = time.time()
+        count, problems = check_images(dataset, indices, full)
+        for problem in problems:
+            logger.warning(f"{split} split: {problem}")
+        total, bad = (int(v) for v in all_reduce_sum([count, len(problems)], env.device))
+        how = "decoded" if full else "headers read"
+        logger.info(f"{split} split: {total} images checked ({how}, {time.time() - start:.1f} s): {bad} unreadable")
+        if bad:
+            if problems:
+                raise DataError(problems_line(split, data.info.root, total, problems, bad))
+            raise DataError(
+                f"{bad} {split} images under {data.info.root} are unreadable; another process's log names them"
+            )
 
 
 def evaluate(

@@ -1,5 +1,6 @@
-"""Run logs: every process writes ``log_rank<R>.txt`` in the output folder; rank 0 also prints, in colour,
-and writes TensorBoard scalars when the optional ``tensorboard`` package is installed."""
+"""Run logs: every process writes ``log_rank<R>.txt`` in the output folder (``eval_log_rank<R>.txt`` for an
+evaluation, ``throughput_...`` for a measurement, so neither touches the training's log); rank 0 also prints, in
+colour, and writes TensorBoard scalars when the optional ``tensorboard`` package is installed."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ _FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(mes
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
-def create_logger(output_dir: str, dist_rank: int = 0, name: str = "dfvt") -> logging.Logger:
-    """A logger writing to ``output_dir/log_rank<dist_rank>.txt`` and, on rank 0, to stdout."""
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = "dfvt", prefix: str = "") -> logging.Logger:
+    """A logger writing to ``output_dir/<prefix>log_rank<dist_rank>.txt`` and, on rank 0, to stdout."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -33,7 +34,7 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "dfvt") -> lo
         )
         logger.addHandler(console)
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"), mode="a")
+    file_handler = logging.FileHandler(os.path.join(output_dir, f"{prefix}log_rank{dist_rank}.txt"), mode="a")
     file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATEFMT))
     logger.addHandler(file_handler)
     return logger

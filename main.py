@@ -56,10 +56,19 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", help="run tag")
     parser.add_argument("--eval", action="store_true", help="evaluate --resume only")
     parser.add_argument("--throughput", action="store_true", help="measure throughput only")
+    parser.add_argument("--check-data", action="store_true", help="read every image of both splits, then stop")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     # torch.distributed.launch passes --local-rank=K (torch >= 2.0) or --local_rank K (older).
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     return parser.parse_args(argv)
+
+
+def mode_prefix(config, checking: bool = False) -> str:
+    """The file-name prefix of this mode's log and config: training's files are never touched by ``--eval``,
+    ``--throughput`` or ``--check-data`` runs pointed at the same folder."""
+    if checking:
+        return "check_"
+    return "throughput_" if config.THROUGHPUT_MODE else "eval_" if config.EVAL_MODE else ""
 
 
 def run_summary(
@@ -96,17 +105,22 @@ def run_summary(
             f"Epochs: {t.START_EPOCH} to {t.EPOCHS - 1} | checkpoint every {config.SAVE_FREQ} epoch(s), at the last "
             f"and on a new best",
         ]
-    lines.append(f"Output: {config.OUTPUT} (log_rank<R>.txt; the full config in config.json)")
+    prefix = mode_prefix(config)
+    lines.append(f"Output: {config.OUTPUT} ({prefix}log_rank<R>.txt; the full config in {prefix}config.json)")
     return "\n".join(lines)
 
 
-def run(config, env: DistEnv, logger: logging.Logger, stop: StopRequest | None = None) -> None:
-    """Build what the mode needs and hand it to the engine: throughput, evaluation, or training (which ``stop``
-    ends early, after a step, with a checkpoint to continue from)."""
+def run(config, env: DistEnv, logger: logging.Logger, stop: StopRequest | None = None, checking: bool = False) -> None:
+    """Build what the mode needs and hand it to the engine: a data check, throughput, evaluation, or training (which
+    ``stop`` ends early, after a step, with a checkpoint to continue from)."""
     if env.is_main:
-        with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
+        with open(os.path.join(config.OUTPUT, f"{mode_prefix(config, checking)}config.json"), "w") as f:
             json.dump(config, f, indent=2)
     data = build_loader(config, env.device) if not config.THROUGHPUT_MODE or config.DATA.DATA_PATH else None
+    if checking:
+        engine.check_data(data, env, logger, full=True)
+        logger.info("every image of both splits is readable")
+        return
     num_classes = data.info.num_classes if data is not None else config.MODEL.NUM_CLASSES
     bare = build_model(config, num_classes)
     complexity = complexity_summary(bare, config.DATA.IMG_SIZE, config.MODEL.DFVT.IN_CHANS)
@@ -125,6 +139,7 @@ def run(config, env: DistEnv, logger: logging.Logger, stop: StopRequest | None =
             engine.evaluate(config, model, bare, data, precision, env, logger)
         return
 
+    engine.check_data(data, env, logger, full=False)  # a bad validation file is found now, not after an epoch
     teacher = build_teacher(config, env.device, num_classes, data.info.class_names, logger)
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), config.TRAIN.ACCUMULATION_STEPS)
     lrs = linear_scaled_lrs(config, env.world_size)
@@ -165,21 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             check_writable_folder(config.OUTPUT)
         # Training writes checkpoints: one run per folder (before the log is opened, so a refused run writes nothing).
-        lock = None if config.EVAL_MODE or config.THROUGHPUT_MODE else lock_run_folder(config.OUTPUT, env)
+        reading = config.EVAL_MODE or config.THROUGHPUT_MODE or args.check_data
+        lock = None if reading else lock_run_folder(config.OUTPUT, env)
     except (ConfigError, RunFolderBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         destroy_distributed()
         return 2
-    logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
+    logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME, prefix=mode_prefix(config, args.check_data))
     # Training: SIGINT, SIGTERM and SIGUSR1 stop it after the current step, with a checkpoint (from here on, so a
     # Ctrl-C while the data and the loader workers start is not lost).
-    stop = None if config.EVAL_MODE or config.THROUGHPUT_MODE else StopRequest(env).install()
+    stop = None if reading else StopRequest(env).install()
     try:
         set_seed(config.SEED + env.rank)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         logger.info(f"rank {env.rank}/{env.world_size}, device {env.device}")
-        run(config, env, logger, stop)
+        run(config, env, logger, stop, args.check_data)
     except RunStopped as e:
         logger.warning(str(e))
         return 128 + e.signum
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.distributed and peer_failure(e):
             logger.error(
                 f"another process of this run stopped ({str(e).splitlines()[0][:160]}); its log says why: "
-                f"{os.path.join(config.OUTPUT, 'log_rank<R>.txt')}"
+                f"{os.path.join(config.OUTPUT, mode_prefix(config, args.check_data) + 'log_rank<R>.txt')}"
             )
             return 2
         if stop is not None and stop.signum:  # e.g. a SIGTERM sent to every process also ended the loader workers

@@ -142,7 +142,15 @@ def _build_datasets(
         val_samples = parse_map_file(val_files[1])
         train_map = train_files[1] if train_files else root / "train_map.txt"
         train_samples = parse_map_file(train_map) if train or train_map.is_file() else []
-        num_classes = max(label for _, label in val_samples + train_samples) + 1
+        labels = {label for _, label in val_samples + train_samples}
+        num_classes = max(labels) + 1
+        if len(labels) < num_classes:
+            missing = sorted(set(range(num_classes)) - labels)
+            shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise DataError(
+                f"the labels of {val_files[1]} and {train_map} skip {shown} (of 0..{num_classes - 1}), which would "
+                f"make classes without images; number the classes 0, 1, ... without gaps."
+            )
         _check_num_classes(config, num_classes, root)
         mode = config.DATA.CACHE_MODE
         ds_val = ZipImageDataset(*val_files, tf_val, mode, rank, world, samples=val_samples, decode=decode)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from config import CACHE_MODES
 from errors import DataError
 
-from .images import decode_rgb_image
+from .images import EncodedImage, decode_rgb_image
 
 
 def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -148,14 +148,19 @@ class ZipImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        member, label = self.samples[index]
+    def encoded(self, index: int) -> EncodedImage:
+        """Image ``index`` still encoded: from the cache, or read from the zip."""
+        member = self.samples[index][0]
         slot = int(self._slot[index])
         if slot >= 0:
             data = self._buffer[self._offsets[slot] : self._offsets[slot + 1]].tobytes()
         else:
             data = self._read_member(self._zipfile(), member)
-        image = self.decode(data, f"{member} in {self.zip_path}")
+        return EncodedImage(data, f"{member} in {self.zip_path}")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        encoded = self.encoded(index)
+        image = self.decode(encoded.data, encoded.source)
         if self.transform is not None:
             image = self.transform(image)
-        return image, label
+        return image, self.samples[index][1]

@@ -202,8 +202,9 @@ def main_args(data: Path | None, out: Path, *extra: str, batch: int = 4, opts: t
     return args + ["--opts", *SMALL_RUN, *opts]
 
 
-def log_of(out: Path, rank: int = 0) -> str:
-    return (out / "dfvt_tiny" / "t" / f"log_rank{rank}.txt").read_text()
+def log_of(out: Path, rank: int = 0, mode: str = "") -> str:
+    """The log of process ``rank`` of the tiny run in ``out``: training's, or that of ``mode`` eval or throughput."""
+    return (out / "dfvt_tiny" / "t" / f"{mode + '_' if mode else ''}log_rank{rank}.txt").read_text()
 
 
 def summaries(text: str) -> list[tuple[str, str, str]]:

@@ -349,8 +349,8 @@ def test_main_real_line_is_the_same_in_one_and_two_processes(tmp_path, model_100
     opts = ("DATA.DATASET", "imagenet", "TEST.REAL_LABELS", str(real))
     one = check(run([sys.executable, *main_args(root, tmp_path / "one", *flags, batch=2, opts=opts)])).stdout
     check(run(launcher("torch.distributed.run") + main_args(root, tmp_path / "two", *flags, batch=2, opts=opts)))
-    two = log_of(tmp_path / "two")
-    assert "rank 1/2" in log_of(tmp_path / "two", 1)
+    two = log_of(tmp_path / "two", mode="eval")
+    assert "rank 1/2" in log_of(tmp_path / "two", 1, mode="eval")
     assert len(summaries(one)) == 1 and summaries(two) == summaries(one)
     expected = tuple(f"{v:.3f}" for v in real_by_hand(ranked, numbers, entries))
     assert REAL_LINE.findall(two) == REAL_LINE.findall(one) == [expected]

@@ -339,12 +339,14 @@ def test_zip_member_missing_from_archive(image_folder, tmp_path):
     raises_data_error(cfg(root, "DATA.ZIP_MODE", "True"), "'c/ghost.jpg'", str(root / "train.zip"))
 
 
-def test_zip_class_count_is_max_label_plus_one(image_folder, tmp_path):
+def test_zip_class_count_is_max_label_plus_one_and_gaps_are_reported(image_folder, tmp_path):
     root = write_zip_dataset(image_folder, tmp_path / "zips")
     with open(root / "val_map.txt", "a") as f:
-        f.write("a/0.jpg\t6\n")
-    config = cfg(root, "DATA.ZIP_MODE", "True")
-    assert build_loader(config).info.num_classes == 7
+        f.write("a/0.jpg\t3\n")
+    assert build_loader(cfg(root, "DATA.ZIP_MODE", "True")).info.num_classes == 4
+    with open(root / "val_map.txt", "a") as f:
+        f.write("a/1.jpg\t6\n")  # labels 4 and 5 have no image: silently 7 classes before
+    raises_data_error(cfg(root, "DATA.ZIP_MODE", "True"), "skip 4, 5 (of 0..6)", str(root / "val_map.txt"))
 
 
 @pytest.mark.slow  # a DataLoader whose worker raised takes 5 s per worker to shut down (torch's join timeout)

@@ -75,15 +75,20 @@ def test_checkpoint_holds_what_the_data_and_the_scaling_decided(trained):
 def test_eval_of_the_checkpoint_in_process(trained, tmp_path):
     data, out = trained
     ckpt = out / "dfvt_tiny" / "t" / "ckpt_epoch_0.pth"
-    assert run_main(*main_args(data, tmp_path, "--eval", "--resume", ckpt)) == 0
-    log = log_of(tmp_path)
+    folder = out / "dfvt_tiny" / "t"
+    training_files = {name: (folder / name).read_bytes() for name in ("log_rank0.txt", "config.json")}
+    # Evaluated in the training run's own folder: it writes its own files and leaves the training's alone.
+    assert run_main(*main_args(data, out, "--eval", "--resume", ckpt)) == 0
+    log = log_of(out, mode="eval")
     assert "Run: eval" in log and "(strict: every key and shape matched)" in log
     assert summaries(log) == summaries(log_of(out))
+    assert {name: (folder / name).read_bytes() for name in training_files} == training_files
+    assert json.loads((folder / "eval_config.json").read_text())["EVAL_MODE"] is True
 
 
 def test_throughput_reports_its_warm_up(tmp_path):
     assert run_main(*main_args(None, tmp_path, "--throughput")) == 0
-    log = log_of(tmp_path)
+    log = log_of(tmp_path, mode="throughput")
     assert "throughput: 2 warm-up iterations on a synthetic batch of 4, then 3 timed" in log
     assert re.search(r"throughput: warm-up took [\d.]+ s; timing 3 iterations", log)
     assert re.search(r"throughput [\d.]+ images/s \| batch 4 \| device cpu", log)
@@ -103,3 +108,16 @@ def test_runs_without_tensorboard(monkeypatch, tmp_path, caplog):
         assert create_tensorboard_writer(str(tmp_path), 0, logging.getLogger("tb")) is None
     assert "pip install tensorboard" in caplog.text
     assert create_tensorboard_writer(str(tmp_path), 1, logging.getLogger("tb")) is None
+
+
+def test_an_unexpected_error_is_written_to_the_log_with_its_traceback(tmp_path, monkeypatch, trained):
+    data, _ = trained
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom from a bug")
+
+    monkeypatch.setattr(main.engine, "train", broken)
+    assert run_main(*main_args(data, tmp_path)) == 1
+    log = log_of(tmp_path)
+    assert "ERROR the run failed with an unexpected error (a bug: please report it with this log)" in log
+    assert "Traceback (most recent call last)" in log and "RuntimeError: boom from a bug" in log

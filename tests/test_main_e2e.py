@@ -113,12 +113,12 @@ def test_eval_figures_identical_under_every_launcher(trained, tmp_path):
 
     out = tmp_path / "torchrun"
     check(run(launcher("torch.distributed.run") + _eval_cmd(trained, out)))
-    assert summaries(log_of(out)) == single and "rank 1/2" in log_of(out, 1)
+    assert summaries(log_of(out, mode="eval")) == single and "rank 1/2" in log_of(out, 1, mode="eval")
 
     # The deprecated launcher passes --local-rank=K.
     out = tmp_path / "launch"
     check(run(launcher("torch.distributed.launch") + _eval_cmd(trained, out)))
-    assert summaries(log_of(out)) == single and "rank 1/2" in log_of(out, 1)
+    assert summaries(log_of(out, mode="eval")) == single and "rank 1/2" in log_of(out, 1, mode="eval")
 
     # Older launchers pass --local_rank K and no LOCAL_RANK variable.
     out = tmp_path / "local_rank"
@@ -136,7 +136,7 @@ def test_eval_figures_identical_under_every_launcher(trained, tmp_path):
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert summaries(log_of(out)) == single and "rank 1/2" in log_of(out, 1)
+    assert summaries(log_of(out, mode="eval")) == single and "rank 1/2" in log_of(out, 1, mode="eval")
 
 
 def test_missing_data_path_is_reported_before_training(tmp_path):

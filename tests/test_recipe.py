@@ -107,9 +107,8 @@ def test_checkpoints_are_bounded_and_the_best_is_kept(data, tmp_path):
     )
     assert main.main([str(a) for a in args[1:]]) == 0
     ema_line = [line for line in log.splitlines() if " * EMA Acc@1 " in line][-1].split(" * EMA ")[1]
-    assert f" * {ema_line}" in log_of(tmp_path / "eval") and "the weight average (TEST.USE_EMA)" in log_of(
-        tmp_path / "eval"
-    )
+    eval_log = log_of(tmp_path / "eval", mode="eval")
+    assert f" * {ema_line}" in eval_log and "the weight average (TEST.USE_EMA)" in eval_log
 
 
 def test_a_save_that_fails_loses_no_checkpoint(data, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_eval_and_pretrained_runs_at_another_size(tmp_path):
     bigger = ("DATA.IMG_SIZE", "64", "MODEL.DFVT.WINDOW_SIZE", "8")
     args = main_args(data, tmp_path / "eval", "--eval", "--resume", ckpt, opts=bigger)
     assert main.main([str(a) for a in args[1:]]) == 0
-    log = log_of(tmp_path / "eval")
+    log = log_of(tmp_path / "eval", mode="eval")
     assert re.search(
         r"1 relative position bias table resized bicubically from 7x7 to 15x15 per head \(window 4 -> 8\)", log
     )

@@ -329,3 +329,15 @@ def test_every_rank_stops_after_the_same_step_and_continues_exactly(tmp_path_fac
         log = log_of(out, rank)
         assert f"continuing at epoch 1, step {steps[0][0]}" in log
         assert FINGERPRINT.search(log).group(1) == FINGERPRINT.search(log_of(reference, rank)).group(1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_loader_workers_start_is_not_lost(data, tmp_path):
+    cmd = [sys.executable, *main_args(data, tmp_path, opts=EXACT)]
+    proc = _start(cmd)
+    _wait_for(tmp_path / "dfvt_tiny" / "t" / "log_rank0.txt", re.compile("Start training"), proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the workers are being forked now (or about to be)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert re.search(r"stopped by SIGINT at epoch 0, step [1-6]/6 \(saved in \S+\); rerun the same command", output)
+    assert "Traceback" not in output
