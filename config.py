@@ -7,6 +7,7 @@ import argparse
 import ast
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,7 +495,18 @@ def _merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
     try:
         config.merge_from_other_cfg(CN(data))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"Config file {path}: {e}. Check the key names and types against config.py.") from e
+        typed = _type_message(str(e), {key: value for key, value in flat_items(CN(data))})
+        where = f"Config file {path}: "
+        raise ConfigError(where + (typed or f"{e}. Check the key names and types against config.py.")) from e
+
+
+def _type_message(error: str, given: dict[str, Any]) -> str | None:
+    """yacs' type-mismatch ``error`` as our one line (the key, the value given, what its rule accepts), or None."""
+    match = re.search(r"Type mismatch .* for config key: (\S+)", error)
+    if match is None or match.group(1) not in RULES:
+        return None
+    key = match.group(1)
+    return f"{key} {given.get(key, '?')!r} must be {RULES[key].expect}."
 
 
 def _coerce_yaml(config: CN, data: dict, prefix: str = "") -> None:
@@ -523,7 +535,8 @@ def _merge_opts(config: CN, opts: list[str]) -> None:
     try:
         config.merge_from_list(quoted)
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"--opts {' '.join(opts)}: {e}. Check the key names against config.py.") from e
+        typed = _type_message(str(e), dict(zip(opts[::2], opts[1::2], strict=True)))
+        raise ConfigError(typed or f"--opts {' '.join(opts)}: {e}. Check the key names against config.py.") from e
 
 
 def load_config(cfg_path: str | None = None, opts: list[str] | None = None) -> CN:

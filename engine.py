@@ -867,10 +867,12 @@ def train(
         logger.info(f"Max accuracy: {run.max_accuracy:.2f}%")
         signum = stop.agreed() if stop is not None else 0
         if signum and epoch < config.TRAIN.EPOCHS - 1:  # the signal came during validation or saving
-            if not last_saved or not last_saved.endswith(f"ckpt_epoch_{epoch}.pth"):
+            saved = last_saved if last_saved and last_saved.endswith(f"ckpt_epoch_{epoch}.pth") else recovery_path
+            if saved == recovery_path:
                 save_recovery(EpochProgress(epoch + 1))
             raise RunStopped(
-                f"stopped by {signal.Signals(signum).name} after epoch {epoch}; rerun the same command to continue.",
+                f"stopped by {signal.Signals(signum).name} after epoch {epoch} (saved in {saved}); rerun the same "
+                f"command to continue from there.",
                 signum,
             )
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")

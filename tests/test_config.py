@@ -288,3 +288,14 @@ def test_main_refuses_a_bad_value_before_anything_runs(tmp_path, capsys, opts, m
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()  # nothing was created
+
+
+def test_a_wrong_type_is_one_line_with_what_the_key_takes(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["TRAIN.BASE_LR", "abc"])
+    assert str(e.value) == "TRAIN.BASE_LR 'abc' must be a number > 0."
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("DATA:\n  SKIP_UNREADABLE: maybe\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    assert str(e.value) == f"Config file {bad}: DATA.SKIP_UNREADABLE 'maybe' must be True or False."

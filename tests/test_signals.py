@@ -341,3 +341,32 @@ def test_ctrl_c_while_the_loader_workers_start_is_not_lost(data, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, output[-3000:]
     assert re.search(r"stopped by SIGINT at epoch 0, step [1-6]/6 \(saved in \S+\); rerun the same command", output)
     assert "Traceback" not in output
+
+
+def test_a_signal_during_validation_stops_after_the_epoch(tmp_path, monkeypatch):
+    import main
+
+    data = write_image_folder(tmp_path / "data")
+    opts = ("TRAIN.EPOCHS", "2", "MODEL.DROP_PATH_RATE", "0.1")
+
+    def run_main(out: Path) -> int:
+        return main.main([str(a) for a in main_args(data, out, opts=opts)[1:]])
+
+    assert run_main(tmp_path / "whole") == 0
+    validate = engine.validate
+
+    def validate_then_signal(*args, **kwargs):
+        figures = validate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the scheduler's warning arrives while the epoch is being validated
+        return figures
+
+    monkeypatch.setattr(engine, "validate", validate_then_signal)
+    out = tmp_path / "stopped"
+    assert run_main(out) == 128 + signal.SIGUSR1
+    saved = out / "dfvt_tiny" / "t" / "ckpt_epoch_0.pth"  # written after the validation, before the signal is acted on
+    assert f"stopped by SIGUSR1 after epoch 0 (saved in {saved}); rerun the same command" in log_of(out)
+    assert "Train: [1/2]" not in log_of(out) and resume_position(find_resumable(str(saved.parent), LOG)[1]) == (1, 0)
+    monkeypatch.setattr(engine, "validate", validate)
+    assert run_main(out) == 0
+    assert "continuing at epoch 1" in log_of(out)
+    assert FINGERPRINT.search(log_of(out)).group(1) == FINGERPRINT.search(log_of(tmp_path / "whole")).group(1)
