@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -248,6 +249,19 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _close_in_forked_children(handle: IO[str]) -> None:
+    """Close ``handle`` in every process forked from this one (loader workers): a flock belongs to the open file, so
+    a worker that outlived a ``kill -9`` of its parent would otherwise hold the run lock until it noticed."""
+    ref = weakref.ref(handle)
+
+    def close() -> None:
+        f = ref()
+        if f is not None:
+            f.close()
+
+    os.register_at_fork(after_in_child=close)
+
+
 def lock_run_folder(folder: str, env: DistEnv) -> IO[str] | None:
     """Hold an exclusive lock on ``folder`` for this run's life, so that two runs never write the same checkpoints.
 
@@ -276,6 +290,7 @@ def lock_run_folder(folder: str, env: DistEnv) -> IO[str] | None:
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
+            _close_in_forked_children(handle)
     if env.distributed:
         answer = [busy]
         dist.broadcast_object_list(answer, src=0)

@@ -171,10 +171,13 @@ class MarkedBatches:
 
 
 def loader_epochs(loader) -> Callable[[int], Iterable]:
-    """Epoch ``e`` of a training loader: its sampler set to ``e`` (a new shuffle, as ``engine.train`` does), then it."""
+    """Epoch ``e`` of a training loader: set to ``e`` (a new shuffle and new augmentation draws, as ``engine.train``
+    does), then it."""
 
     def epoch(e: int) -> Iterable:
-        if hasattr(loader.sampler, "set_epoch"):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(e)
+        elif hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(e)
         return loader
 

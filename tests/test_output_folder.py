@@ -6,29 +6,41 @@ intact."""
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import main
 from tests.helpers import ROOT, clean_env, log_of, main_args, write_image_folder
+from utils import DistEnv, lock_run_folder
 
 HOLD = """
-import sys, time, torch
+import os, sys, time, torch
 from utils import DistEnv, lock_run_folder
 handle = lock_run_folder(sys.argv[1], DistEnv(0, 1, 0, torch.device("cpu")))
+if sys.argv[2] == "fork" and os.fork() == 0:  # a child that outlives its parent, as a loader worker can
+    time.sleep(60)
+    os._exit(0)
 print("locked", flush=True)
 time.sleep(120)
 """
 
 
-def hold_lock(folder) -> subprocess.Popen:
-    """Another process holding the run lock of ``folder`` (it prints ``locked`` once it has it)."""
+def hold_lock(folder, fork: bool = False) -> subprocess.Popen:
+    """Another process holding the run lock of ``folder`` (it prints ``locked`` once it has it); ``fork``: with a
+    forked child that keeps running when the holder is killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(folder), "fork" if fork else "-"],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -97,3 +109,15 @@ def test_a_save_past_a_real_size_limit_loses_nothing(tmp_path):
     assert "earlier checkpoints in" in last and "Traceback" not in proc.stdout + proc.stderr
     assert hashlib.sha256(good.read_bytes()).hexdigest() == digest  # the last good checkpoint, untouched
     assert not list(folder.glob(".tmp-*")) and not (folder / "ckpt_epoch_1.pth").exists()
+
+
+def test_a_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    folder = tmp_path / "run"
+    holder = hold_lock(folder, fork=True)
+    holder.send_signal(signal.SIGKILL)  # the child (a loader worker, say) lives on for a while
+    holder.wait()
+    try:
+        handle = lock_run_folder(str(folder), DistEnv(0, 1, 0, torch.device("cpu")))  # at once: not "in use"
+        handle.close()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
