@@ -522,6 +522,7 @@ def train_one_epoch(
 
     start = end = time.time()
     stopped, step = 0, first
+    epoch_checkpoint = (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
     for idx, (samples, targets) in enumerate(loader, start=first * accum):
         if idx >= steps * accum:
             break
@@ -561,6 +562,7 @@ def train_one_epoch(
         if step % config.PRINT_FREQ == 0 or step == steps:
             report(step)
         save = recovery is not None and config.SAVE_STEPS and (epoch * steps + step) % config.SAVE_STEPS == 0
+        save = save and not (step == steps and epoch_checkpoint)  # the epoch's own checkpoint follows at once
         stopped = stop.agreed() if stop is not None else 0
         if save or (stopped and recovery is not None):
             if pending:
