@@ -40,6 +40,9 @@ _C.DATA.NUM_WORKERS = "auto"  # loader workers per process; auto: the node's cor
 # fast: uint8 batches from torchvision's JPEG decoder and torch's resize, normalised, erased and prefetched on the
 # device; upstream: PIL + timm's create_transform in the workers, float batches (the released recipe, bit for bit)
 _C.DATA.PIPELINE = "fast"
+# torch: the DataLoader pipelines above; dali: NVIDIA DALI decodes and augments (on the GPU with device="mixed", else
+# on the CPU), same samplers, normalisation and erasing (pip install -r requirements-dali.txt)
+_C.DATA.LOADER = "torch"
 # Folder name -> class index: auto (ImageNet synsets -> ImageNet indices, folders 0..999 -> that index, other
 # names sorted with DATA.DATASET folder), sorted (plain ImageFolder order), or a text file with one folder name
 # per line (line = index)
@@ -267,6 +270,7 @@ RULES: dict[str, Rule] = {
     "DATA.PIN_MEMORY": BOOL,
     "DATA.NUM_WORKERS": Rule(_workers, "'auto' or a number of worker processes (0 or more)"),
     "DATA.PIPELINE": one_of(*PIPELINES),
+    "DATA.LOADER": one_of("torch", "dali"),
     "DATA.SKIP_UNREADABLE": BOOL,
     "DATA.CLASS_MAP": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "auto, sorted or a names file"),
     "MODEL.TYPE": one_of("dfvt"),
@@ -405,6 +409,11 @@ def _data_layout(c: CN) -> str | None:
             f"DATA.CLASS_MAP {d.CLASS_MAP!r} maps class folders, but in zip mode (--zip) the map files carry the "
             f"labels; leave DATA.CLASS_MAP auto and write the labels you want into train_map.txt/val_map.txt"
         )
+    if d.LOADER == "dali" and d.SKIP_UNREADABLE:
+        return "DATA.SKIP_UNREADABLE works with DATA.LOADER torch only (DALI decodes in its own threads)"
+    policy = c.AUG.AUTO_AUGMENT.strip().lower()
+    if d.LOADER == "dali" and policy not in ("", "none") and policy.split("-")[0] != "rand":
+        return f"AUG.AUTO_AUGMENT {c.AUG.AUTO_AUGMENT!r}: DATA.LOADER dali runs RandAugment (rand-...) or none only"
     return None
 
 

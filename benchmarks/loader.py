@@ -6,7 +6,9 @@ Columns, for the training and the evaluation split:
   split: resize, centre crop, ``ToTensor``, ``Normalize``) + the default collate: what the upstream repo runs;
 - ``fast (host)``: the project's loader with ``DATA.PIPELINE fast``, its host part only (decode, crop, resize,
   RandAugment, uint8 collate): what a loader worker spends per image on a GPU node;
-- ``fast (all on CPU)``: the same plus the device part (normalisation, random erasing) run on this CPU too.
+- ``fast (all on CPU)``: the same plus the device part (normalisation, random erasing) run on this CPU too;
+- ``dali (CPU)``: ``DATA.LOADER dali`` in DALI's CPU-only mode, one DALI thread, its uint8 output (decode, crop,
+  resize, flip, RandAugment; a new pipeline per pass, as per epoch), when DALI is installed.
 
     python benchmarks/loader.py                      # generates 400 ImageNet-like JPEGs in a temporary folder
     python benchmarks/loader.py --data-path DIR      # DIR/train/<class>/..., DIR/val/<class>/...
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.imagenet_like import make_imagenet_like  # noqa: E402
 from config import load_config  # noqa: E402
 from data import build_loader, build_transform  # noqa: E402
+from data.dali import import_dali  # noqa: E402
+from errors import ConfigError  # noqa: E402
 
 
 def _upstream_loader(config, root: Path, split: str) -> DataLoader:
@@ -66,6 +70,13 @@ def measure(root: Path, batch_size: int, repeats: int, opts: list[str]) -> dict[
             "fast (all on CPU)": fast.val,
         },
     }
+    try:
+        import_dali()
+    except ConfigError:
+        pass  # no DALI column without the optional package
+    else:
+        dali = build_loader(load_config(None, [*common, "DATA.LOADER", "dali"]))
+        loaders["train"]["dali (CPU)"], loaders["val"]["dali (CPU)"] = dali.train.loader, dali.val.loader
     best: dict[str, dict[str, float]] = {split: dict.fromkeys(cols, 0.0) for split, cols in loaders.items()}
     for _ in range(repeats):
         for split, columns in loaders.items():

@@ -19,6 +19,7 @@ from config import check_config
 from errors import ConfigError, DataError
 
 from .class_map import ClassLayout, RealLabels, class_layout, load_real_labels
+from .dali import build_dali_loaders
 from .device import DeviceLoader, collate_uint8
 from .digits import prepare_digits
 from .folder import LAYOUT, build_image_folder, check_same_classes, check_split_folder
@@ -224,20 +225,28 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
         common["collate_fn"] = collate_uint8
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     loader_train, skip = None, None
+    dali = config.DATA.LOADER == "dali"  # DALI decodes and augments; the same samplers, normalisation and erasing
     if ds_train is not None:
         sampler = ResumableSampler(_train_sampler(config, ds_train, root, rank, world))
         erasing = None
-        if config.DATA.PIPELINE == "fast" and config.AUG.REPROB > 0:
+        if (config.DATA.PIPELINE == "fast" or dali) and config.AUG.REPROB > 0:
             a = config.AUG
             erasing = RandomErasing(a.REPROB, mode=a.REMODE, max_count=a.RECOUNT, device=device)
         if config.DATA.SKIP_UNREADABLE:
             n = len(ds_train)
             part = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part"  # replacements from this shard's cache
             skip = SkipUnreadable(ds_train, range(rank, n, world) if part else None)
-        dataset = SeededSamples(skip if skip is not None else ds_train, config.SEED)
-        loader = DataLoader(dataset, sampler=sampler, drop_last=True, **common)
+        if dali:
+            loader = build_dali_loaders(config, ds_train, sampler, device, workers, rank, train=True)
+        else:
+            dataset = SeededSamples(skip if skip is not None else ds_train, config.SEED)
+            loader = DataLoader(dataset, sampler=sampler, drop_last=True, **common)
         loader_train = DeviceLoader(loader, device, mean, std, erasing, seed=config.SEED, rank=rank)
     val_sampler = ShardedEvalSampler(len(ds_val), rank, world)
-    loader_val = DeviceLoader(DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common), device, mean, std)
+    if dali:
+        loader = build_dali_loaders(config, ds_val, val_sampler, device, workers, rank, train=False)
+    else:
+        loader = DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common)
+    loader_val = DeviceLoader(loader, device, mean, std)
     mixup_fn = build_mixup(config, num_classes) if train else None
     return Data(info, loader_train, loader_val, mixup_fn, workers, real, skip)

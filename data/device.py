@@ -104,6 +104,8 @@ class DeviceLoader:
             sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
+        if hasattr(self.loader, "set_epoch"):  # a DALI loader seeds its pipeline by epoch
+            self.loader.set_epoch(epoch)
         self.epoch, self.first_batch = epoch, first_batch
 
     def prepare(self, images: torch.Tensor, targets: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

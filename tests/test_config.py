@@ -121,6 +121,7 @@ BAD_VALUES = {
     "DATA.PIN_MEMORY": "2",
     "DATA.NUM_WORKERS": "-1",
     "DATA.PIPELINE": "turbo",
+    "DATA.LOADER": "ffcv",
     "DATA.CLASS_MAP": "",
     "DATA.SKIP_UNREADABLE": "sometimes",
     "MODEL.TYPE": "swin",

@@ -1,0 +1,153 @@
+"""DATA.LOADER dali in DALI's CPU-only mode: batches, labels, shards, agreement with the torch loader, the missing
+package. (The GPU mode runs in benchmarks/gpu_check.sh.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import load_config
+from data import build_loader
+from data.dali import DaliLoader, centre_crop_geometry, import_dali, rand_augment_settings
+from errors import ConfigError, DataError
+from tests.helpers import check, config_path, launcher, main_args, run, summaries
+
+pytest.importorskip("nvidia.dali", reason="DALI is optional: pip install -r requirements-dali.txt")
+
+COLOURS = {"a": (220, 30, 30), "b": (30, 220, 30), "c": (30, 30, 220)}  # one dominant channel per class
+
+
+@pytest.fixture(scope="module")
+def coloured(tmp_path_factory) -> Path:
+    """Class folders of noisy images whose dominant channel is the class (a: red, b: green, c: blue), varied sizes."""
+    root = tmp_path_factory.mktemp("dali") / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 5)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                w, h = 40 + 8 * i, 36 + 4 * i
+                pixels = np.clip(np.array(colour) + rng.integers(-25, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=92)
+    return root
+
+
+def cfg(root: Path, *opts: str):
+    base = ["DATA.DATA_PATH", str(root), "DATA.DATASET", "folder", "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "4"]
+    return load_config(config_path("tiny"), [*base, "DATA.NUM_WORKERS", "1", *opts])
+
+
+def dominant(images: torch.Tensor) -> list[int]:
+    """The class each image's dominant channel says (0 red, 1 green, 2 blue)."""
+    return images.float().mean(dim=(2, 3)).argmax(dim=1).tolist()
+
+
+def test_centre_crop_geometry_is_torchvision_s():
+    # Hand-computed: 500x375 to a short side of 256 is 341x256, centred 224 crop at (16, 58); odd margins round half
+    # to even as Python's round does (torchvision's CenterCrop).
+    assert centre_crop_geometry(500, 375, 256, 224) == (256, 341, 16, 58)
+    assert centre_crop_geometry(375, 500, 256, 224) == (341, 256, 58, 16)
+    assert centre_crop_geometry(41, 40, 36, 32) == (36, 36, 2, 2)
+    assert centre_crop_geometry(47, 40, 37, 32) == (37, 43, 2, 6)  # margins 5 and 11: round(2.5) = 2, round(5.5) = 6
+
+
+def test_policy_settings():
+    assert rand_augment_settings("rand-m9-mstd0.5-inc1") == (2, 9)
+    assert rand_augment_settings("rand-n3-m15") == (3, 15)
+    assert rand_augment_settings("none") is None
+    with pytest.raises(ConfigError, match="RandAugment"):
+        rand_augment_settings("augmix-m5")
+    with pytest.raises(ConfigError, match="DATA.LOADER dali runs RandAugment"):
+        cfg(Path("."), "DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "original")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_are_uint8_with_the_labels_of_their_images(coloured, split):
+    config = cfg(coloured, "DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0")
+    data = build_loader(config)
+    device_loader = data.train if split == "train" else data.val
+    raw = device_loader.loader
+    assert isinstance(raw, DaliLoader)
+    device_loader.set_epoch(1)
+    seen, labels_seen = 0, []
+    for images, labels in raw:  # what DALI hands over: uint8 N x 3 x 32 x 32
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and images.shape[0] <= 4
+        assert labels.dtype == torch.int64 and dominant(images) == labels.tolist()  # each image has its own label
+        seen += images.shape[0]
+        labels_seen += labels.tolist()
+    expected = 16 if split == "train" else 15  # training drops the last partial batch; validation keeps every image
+    assert seen == expected and len(raw) == -(-expected // 4)
+    # The order is the torch loader's sampler's: the same labels in the same order.
+    dataset = raw.dataset
+    assert labels_seen == [dataset.samples[i][1] for i in list(raw.sampler)[:expected]]
+    # Through the device loader: normalised floats in the range of ImageNet normalisation.
+    images, _ = next(iter(device_loader))
+    assert images.dtype == torch.float32 and -2.2 < float(images.min()) and float(images.max()) < 2.7
+
+
+def test_every_validation_image_once_across_two_shards(coloured):
+    config = cfg(coloured, "DATA.LOADER", "dali")
+    whole = build_loader(config).val.loader
+    from data.samplers import ShardedEvalSampler
+
+    shards = []
+    for rank in (0, 1):
+        loader = DaliLoader(whole.dataset, ShardedEvalSampler(15, rank, 2), 4, False, whole._build, whole.device)
+        shards.append(sorted(i for batch in loader._batches() for i in batch))
+        assert sum(images.shape[0] for images, _ in loader) == len(shards[-1])
+    assert sorted(shards[0] + shards[1]) == list(range(15)) and not set(shards[0]) & set(shards[1])
+
+
+def test_evaluation_inputs_agree_with_the_torch_loader(coloured):
+    torch_val = build_loader(cfg(coloured)).val
+    dali_val = build_loader(cfg(coloured, "DATA.LOADER", "dali")).val
+    a = torch.cat([x for x, _ in torch_val])
+    b = torch.cat([x for x, _ in dali_val])
+    assert a.shape == b.shape == (15, 3, 32, 32)
+    assert torch.equal(torch.cat([y for _, y in torch_val]), torch.cat([y for _, y in dali_val]))
+    # The same geometry (short side 36, the same centre 32x32, computed as torchvision does); only the cubic
+    # resampling differs a little (on ImageNet-like photos at 224: 0.0025 mean, 0.12 at most).
+    gap = (a - b).abs()
+    assert gap.mean().item() < 0.01 and gap.max().item() < 0.25, (gap.mean().item(), gap.max().item())
+
+
+def test_without_dali_the_error_says_how_to_install_it(monkeypatch, coloured):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ConfigError, match=r"pip install -r requirements-dali.txt") as e:
+        import_dali()
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="DATA.LOADER dali needs NVIDIA DALI"):
+        build_loader(cfg(coloured, "DATA.LOADER", "dali"))
+
+
+@pytest.mark.slow
+def test_main_trains_and_evaluates_with_dali_in_one_and_two_processes(coloured, tmp_path):
+    opts = ("DATA.LOADER", "dali", "DATA.NUM_WORKERS", "1")
+    check(run([sys.executable, *main_args(coloured, tmp_path / "train", opts=opts)]))
+    ckpt = tmp_path / "train" / "dfvt_tiny" / "t" / "ckpt_epoch_0.pth"
+    evaluate = ("--eval", "--resume", str(ckpt))
+    one = summaries(check(run([sys.executable, *main_args(coloured, tmp_path / "one", *evaluate, opts=opts)])).stdout)
+    two = check(run(launcher("torch.distributed.run") + main_args(coloured, tmp_path / "two", *evaluate, opts=opts)))
+    assert len(one) == 1 and summaries(two.stdout) == one  # every image once over the two shards, counts exact
+
+
+def test_an_unreadable_image_is_one_line(coloured, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(coloured, root)
+    for split in ("train", "val"):
+        (root / split / "b" / "2.jpg").write_bytes(b"not a JPEG")
+    data = build_loader(cfg(root, "DATA.LOADER", "dali"))
+    # Validation reads each header first (for the crop geometry): the usual line naming the file.
+    with pytest.raises(DataError, match=rf"cannot read image {root / 'val' / 'b' / '2.jpg'}: "):
+        list(data.val.loader)
+    # Training hands the bytes to DALI's decoder: its reason, one line, and how to find the file.
+    with pytest.raises(DataError, match=r"DALI could not read a batch of images \(the first: .*\): ") as e:
+        list(data.train.loader)
+    assert "\n" not in str(e.value) and "--check-data" in str(e.value)
