@@ -34,9 +34,11 @@ INSTALL = "pip install -r requirements-dali.txt"
 def import_dali() -> Any:
     """The ``nvidia.dali`` module, or a one-line :class:`ConfigError` saying how to install it."""
     try:
-        import nvidia.dali
-        import nvidia.dali.auto_aug.rand_augment  # noqa: F401 (loaded here, used by the training pipeline)
-        import nvidia.dali.fn  # noqa: F401
+        with warnings.catch_warnings():  # DALI's RandAugment module uses its own deprecated aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import nvidia.dali
+            import nvidia.dali.auto_aug.rand_augment  # noqa: F401 (loaded here, used by the training pipeline)
+            import nvidia.dali.fn  # noqa: F401
     except ImportError as e:
         raise ConfigError(
             f"DATA.LOADER dali needs NVIDIA DALI, which is not installed ({e}); install it with `{INSTALL}`, or set "
@@ -113,7 +115,9 @@ class DaliLoader:
         if not batches:
             return
         pipe = self._build(self.epoch, self.dataset, batches)
-        pipe.build()
+        with warnings.catch_warnings():  # DALI's RandAugment graph uses its own deprecated aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe.build()
         for batch in batches:
             try:
                 images, labels = pipe.run()
