@@ -539,8 +539,9 @@ def _merge_opts(config: CN, opts: list[str]) -> None:
                 parsed = ast.literal_eval(opts[i])
             except (ValueError, SyntaxError):
                 continue
-            if isinstance(_floats_for_float_keys(config, opts[i - 1], parsed), float) and _is_int(parsed):
-                quoted[i] = repr(float(parsed))
+            coerced = _floats_for_float_keys(config, opts[i - 1], parsed)
+            if coerced is not parsed:
+                quoted[i] = repr(coerced)
     try:
         config.merge_from_list(quoted)
     except (KeyError, ValueError, AssertionError) as e:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from errors import DataError
 
-from .images import EncodedImage, decode_rgb_image
+from .images import EncodedImage, decode_rgb_image, read_encoded
 from .zip_dataset import ZipImageDataset
 
 # How a complete file of these formats ends; a file that does not end so is decoded to be sure (some writers leave
@@ -29,12 +29,11 @@ def base_dataset(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _source(dataset: Dataset, index: int) -> tuple[str, EncodedImage | None]:
-    """Where image ``index`` is, and its bytes when they come from a zip (a folder image is opened in place)."""
+def encoded_image(dataset: Dataset, index: int) -> EncodedImage:
+    """Image ``index`` of an ImageFolder or zip dataset, still encoded (a :class:`DataError` names it if unreadable)."""
     if isinstance(dataset, ZipImageDataset):
-        image = dataset.encoded(index)
-        return image.source, image
-    return os.fspath(dataset.samples[index][0]), None
+        return dataset.encoded(index)
+    return read_encoded(dataset.samples[index][0])
 
 
 def _looks_complete(head: Image.Image, tail: bytes) -> bool:
@@ -46,24 +45,22 @@ def check_image(dataset: Dataset, index: int, full: bool) -> str | None:
     """None if image ``index`` of ``dataset`` (an ImageFolder or a zip dataset) is readable, else the one-line
     :class:`DataError` message naming it. ``full``: decode it; otherwise read its header and its last bytes, and
     decode it only when it does not end as its format should (a file cut short by a failed copy)."""
-    source, image = _source(base_dataset(dataset), index)
+    dataset = base_dataset(dataset)
+    in_place = not full and not isinstance(dataset, ZipImageDataset)  # a folder's file: header and tail only
+    source = os.fspath(dataset.samples[index][0])
     try:
-        if image is None:
-            with open(source, "rb") as f:
-                data = f.read() if full else None
-                if data is None:
+        image = None if in_place else encoded_image(dataset, index)
+        if not full:
+            if image is None:
+                with open(source, "rb") as f:
                     head = Image.open(f)
                     f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL))
                     tail = f.read()
-                    if _looks_complete(head, tail):
-                        return None
-                    f.seek(0)
-                    data = f.read()
-            image = EncodedImage(data, source)
-        elif not full:
-            with Image.open(io.BytesIO(image.data)) as head:
-                if _looks_complete(head, image.data[-_TAIL:]):
-                    return None
+            else:
+                head, tail = Image.open(io.BytesIO(image.data)), image.data[-_TAIL:]
+            if _looks_complete(head, tail):
+                return None
+        image = image or encoded_image(dataset, index)
         decode_rgb_image(image.data, image.source).load()
     except DataError as e:
         return str(e)

@@ -23,10 +23,10 @@ from yacs.config import CfgNode
 
 from errors import ConfigError, DataError
 
+from .check import encoded_image
 from .images import EncodedImage, image_size
 from .seeding import derive_seed
 from .transforms import eval_resize_side
-from .zip_dataset import ZipImageDataset
 
 INSTALL = "pip install -r requirements-dali.txt"
 
@@ -70,13 +70,8 @@ def rand_augment_settings(policy: str) -> tuple[int, int] | None:
 
 
 def _read(dataset: Dataset, index: int) -> np.ndarray:
-    """The still-encoded bytes of image ``index`` (an ImageFolder file or a zip member)."""
-    if isinstance(dataset, ZipImageDataset):
-        data = dataset.encoded(index).data
-    else:
-        with open(dataset.samples[index][0], "rb") as f:
-            data = f.read()
-    return np.frombuffer(data, dtype=np.uint8)
+    """The still-encoded bytes of image ``index`` (an ImageFolder file or a zip member), for DALI's decoder."""
+    return np.frombuffer(encoded_image(dataset, index).data, dtype=np.uint8)
 
 
 class DaliLoader:
