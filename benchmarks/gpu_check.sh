@@ -4,9 +4,11 @@
 #   b. every CUDA test of the suite (pytest -k cuda: golden logits on CUDA in float64/float32 on both paths, the two
 #      paths' training steps agreeing in float64, fp16 AMP training steps, fused AdamW, predict.py on CUDA);
 #   c. an ImageNet-like folder dataset of JPEGs cut from real photographs (benchmarks/imagenet_like.py);
-#   d. main.py under torchrun (one process): one training epoch, --eval of its checkpoint, --throughput;
-#   e. end-to-end training images/s, real loader vs the same step on synthetic batches, both input pipelines, T and S
-#      (benchmarks/train_e2e.py): how loader-bound training is;
+#   d. main.py under torchrun (one process): one training epoch, --eval of its checkpoint (also with DATA.LOADER dali),
+#      --throughput;
+#   e. end-to-end training images/s, real loader vs the same step on synthetic batches, T and S
+#      (benchmarks/train_e2e.py): how loader-bound training is, with the torch loader's two pipelines and with DALI
+#      (DATA.LOADER dali: JPEG decoding and augmentation on the GPU);
 #   f. the train step of T/S/B at batch 128, upstream-like (straightforward path, fp16 autocast + GradScaler, no
 #      compile) vs ours (fast path, AMP_DTYPE auto = bf16 without a scaler on this GPU): benchmarks/benchmark.py
 #      (bare step: forward, cross-entropy, backward, AdamW; with --fast-dtype auto where benchmark.py has that
@@ -24,6 +26,8 @@
 # termcolor (pure Python) are installed from wheels in .whl/ at the repo root when they do not import (a GPU machine
 # without network). Prepare the wheels where pip reaches PyPI (.whl/ is git-ignored; carry it to the GPU machine):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl "yacs>=0.1.8" "termcolor>=2.0"
+# NVIDIA DALI is optional: the DALI steps run where `import nvidia.dali` works (requirements-dali.txt, or its wheels
+# and their dependencies' in .whl/: every wheel there is installed) and are recorded as skipped elsewhere.
 set -uo pipefail
 
 REPORT=$(realpath -m "${1:-gpu_report.md}")
@@ -105,9 +109,12 @@ step() {
 # Lines of a step's log matching an extended regex, without terminal colours (main.py colours its log prefixes).
 grep_log() { sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/$1.log" 2>/dev/null | grep -E "$2"; }
 
-# yacs and termcolor from .whl/ where they do not import.
+# yacs and termcolor from .whl/ where they do not import; other wheels there (DALI's) are installed too.
 deps() {
-  if "$PY" -c "import yacs, termcolor" 2>/dev/null; then
+  local missing=0 extra=0
+  "$PY" -c "import yacs, termcolor" 2>/dev/null || missing=1
+  ls .whl/*.whl 2>/dev/null | grep -v -q -E '/(yacs|termcolor)-' && extra=1
+  if [ "$missing" = 0 ] && [ "$extra" = 0 ]; then
     echo "yacs and termcolor import"
     return 0
   fi
@@ -118,6 +125,14 @@ deps() {
   PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps \
     --target "$WORK/site" .whl/*.whl || return 1
   echo "installed from .whl/ into $WORK/site (on PYTHONPATH from here on): $(cd .whl && echo *.whl)"
+}
+
+# skip NAME WHAT WHY: record a step that does not run here (not a failure).
+skip() {
+  echo
+  echo "== $1: $2: skipped ($3)"
+  STEP_NAMES+=("$1") STEP_WHAT+=("$2") STEP_STATUS+=("skipped ($3)") STEP_SECONDS+=("-")
+  : >"$WORK/logs/$1.log"
 }
 
 ENV_CODE='import os, sys, torch
@@ -150,6 +165,27 @@ for label, rows in (("upstream-like", up), ("ours", ours)):
 EOF
 }
 
+# The DALI rows of e (DATA.LOADER dali) against the torch loader's fast pipeline, and the goal: real images/s within
+# 20 % of the synthetic rate (real / synthetic >= 0.80).
+compare_loaders() {
+  "$PY" - "$1" "$2" <<'EOF'
+import json
+import sys
+
+torch_rows, dali_rows = (
+    {r["variant"]: r for r in json.load(open(path))["rows"] if r["pipeline"] == pipeline}
+    for path, pipeline in zip(sys.argv[1:3], ("fast", "dali"))
+)
+print("| variant | torch (fast) img/s | dali img/s | dali / torch | dali real / synthetic | goal: >= 0.80 |")
+print("| --- | --- | --- | --- | --- | --- |")
+for variant, d in dali_rows.items():
+    t = torch_rows.get(variant)
+    ratio = d["real_over_synthetic"]
+    versus = f"{t['real_ips']:.1f} | {d['real_ips']:.1f} | {d['real_ips'] / t['real_ips']:.2f}x" if t else "-"
+    print(f"| {variant} | {versus} | {ratio:.2f} | {'met' if ratio >= 0.8 else 'NOT met'} |")
+EOF
+}
+
 # Ctrl-C or a TERM: end the running step's process group, write the report of what ran, and stop.
 stop_step() {
   [ -n "$STEP_PID" ] && kill -TERM -- "-$STEP_PID" 2>/dev/null
@@ -175,6 +211,8 @@ run_all() {
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   step a-env 60 "python, torch, GPU; CUDA available" -- "$PY" -c "$ENV_CODE"
+  local dali=1 no_dali="NVIDIA DALI does not import: pip install -r requirements-dali.txt, or its wheels in .whl/"
+  "$PY" -c "import nvidia.dali" >/dev/null 2>&1 || dali=0 # (a dry run asks too: the commands it lists are real)
   step b-cuda-tests 240 "every CUDA test (pytest -k cuda)" -- \
     "$PY" -m pytest -q -rA -p no:cacheprovider -m "not slow or slow" tests -k cuda
   step c-data 120 "ImageNet-like JPEGs: $TRAIN_IMAGES train, 500 val, 10 classes" -- \
@@ -184,11 +222,25 @@ run_all() {
     --opts DATA.DATASET folder TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 PRINT_FREQ 5
   step d-eval 90 "main.py --eval of the checkpoint" -- \
     "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu-eval --eval --resume "$CKPT" --opts DATA.DATASET folder
+  if [ "$dali" = 1 ]; then
+    step d-eval-dali 120 "main.py --eval of the checkpoint with DATA.LOADER dali (decoding on the GPU)" -- \
+      "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu-eval-dali --eval --resume "$CKPT" \
+      --opts DATA.DATASET folder DATA.LOADER dali
+  else
+    skip d-eval-dali "main.py --eval with DATA.LOADER dali" "$no_dali"
+  fi
   step d-throughput 90 "main.py --throughput on a validation batch" -- \
     "${torchrun[@]}" main.py "${main_common[@]}" --tag gpu-throughput --throughput --opts DATA.DATASET folder
   step e-train-e2e 240 "end-to-end training images/s, real loader vs synthetic batches (T, S; both pipelines)" -- \
     "$PY" benchmarks/train_e2e.py --device cuda --variant tiny small --pipeline fast --pipeline upstream \
     --data-path "$DATA" --batch-size 128 --steps 45 --json "$WORK/e2e.json"
+  if [ "$dali" = 1 ]; then
+    step e-train-e2e-dali 240 "end-to-end training images/s with DATA.LOADER dali, real vs synthetic (T, S)" -- \
+      "$PY" benchmarks/train_e2e.py --device cuda --variant tiny small --pipeline dali \
+      --data-path "$DATA" --batch-size 128 --steps 45 --json "$WORK/e2e_dali.json"
+  else
+    skip e-train-e2e-dali "end-to-end training images/s with DATA.LOADER dali" "$no_dali"
+  fi
   local fast_dtype=() # benchmark.py's option for the fast path's autocast dtype, where it has one
   grep -q -- '"--fast-dtype"' benchmarks/benchmark.py && fast_dtype=(--fast-dtype auto)
   step f-benchmark 240 "model train step and eval, straightforward (fp16 + GradScaler) vs fast path" -- \
@@ -250,6 +302,8 @@ write_report() {
     grep_log d-train 'Train: \[' | tail -n 1
     echo "-- eval"
     grep_log d-eval 'Acc@1|Precision:|Loader:'
+    echo "-- eval with DATA.LOADER dali (same checkpoint and images: agrees within the resize differences)"
+    grep_log d-eval-dali 'Acc@1|Loader:'
     echo "-- throughput"
     grep_log d-throughput 'throughput [0-9.]+ images/s|Precision:|Loader:'
     echo '```'
@@ -260,6 +314,14 @@ write_report() {
     echo "already on the GPU, no loader. real / synthetic: 1.00 = the loader keeps up; 0.50 = it halves the speed."
     echo
     grep_log e-train-e2e '^(\||device |loader restarts)'
+    echo
+    echo "With DATA.LOADER dali (NVIDIA DALI: decoding with device=mixed, augmentation on the GPU):"
+    echo
+    grep_log e-train-e2e-dali '^(\||device |loader restarts)'
+    if [ -s "$WORK/e2e.json" ] && [ -s "$WORK/e2e_dali.json" ]; then
+      echo
+      compare_loaders "$WORK/e2e.json" "$WORK/e2e_dali.json"
+    fi
     echo
     echo "## f. Train step at batch 128: upstream-like vs ours"
     echo
@@ -290,7 +352,7 @@ write_report() {
     fi
     local failed=()
     for i in "${!STEP_NAMES[@]}"; do
-      case ${STEP_STATUS[$i]} in ok | "dry run") ;; *) failed+=("${STEP_NAMES[$i]}") ;; esac
+      case ${STEP_STATUS[$i]} in ok | "dry run" | "skipped (NVIDIA DALI"*) ;; *) failed+=("${STEP_NAMES[$i]}") ;; esac
     done
     if [ "${#failed[@]}" -gt 0 ]; then
       echo

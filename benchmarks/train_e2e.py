@@ -1,7 +1,9 @@
 """End-to-end training images/s of DFvT on a folder dataset, against the same training step fed a synthetic batch.
 
 Everything is built as ``main.py`` builds it (config, loaders, model, optimizer, LR schedule, precision, grad scaler,
-criterion, Mixup) and the timed part is ``engine.train_one_epoch``. Each (variant, pipeline) row runs twice:
+criterion, Mixup) and the timed part is ``engine.train_one_epoch``. The input pipelines: ``fast`` and ``upstream``
+(``DATA.PIPELINE``, the torch loader) and ``dali`` (``DATA.LOADER dali``: NVIDIA DALI, decoding on the GPU with
+``--device cuda``; ``pip install -r requirements-dali.txt``). Each (variant, pipeline) row runs twice:
 
 - synthetic: one pre-made batch of the same shape, already on the device, given to the loop again and again (no
   loader at all): the speed of the training step alone. It runs first, so it also warms the model up (cuDNN's
@@ -14,15 +16,17 @@ real / synthetic is how loader-bound training is: 1.00 means the loader keeps up
 Timing: each run feeds ``train_one_epoch`` ``--warmup`` + ``--steps`` optimizer steps' worth of batches; the clock
 starts (after a device sync) once the warm-up batches have been consumed and stops (after a sync) when the loop
 returns, so exactly ``--steps`` steps are timed, with the loader's time in them for the real run. ``--warmup auto``
-(the default) is the smallest multiple of the loader's worker count that is at least 5 (5 without workers): the
-workers start together and deliver their first batches at once, a burst a steady run never sees, and it stays out
-of the timed part. Batches then arrive in rounds of one per worker, so take ``--steps`` as a multiple of the worker
-count, or much larger. Where warm-up + steps exceed an epoch, the loader starts a new epoch (new workers, as training
-does every epoch); the table says how often that happened in the timed part. ``--synthetic-only`` skips the real
-run (and needs no dataset): the training loop's speed for a given config, e.g. upstream-like vs the defaults.
+(the default) is the smallest multiple of the loader's worker count that is at least 5 (5 without workers, and for
+DALI, whose pipeline is built and its decoder started in the first step): the workers start together and deliver
+their first batches at once, a burst a steady run never sees, and it stays out of the timed part. Batches then
+arrive in rounds of one per worker, so take ``--steps`` as a multiple of the worker count, or much larger. Where
+warm-up + steps exceed an epoch, the loader starts a new epoch (new workers, or a new DALI pipeline, as training
+does every epoch); the table says how often that happened in the timed part. ``--synthetic-only`` skips the real run
+(and needs no dataset): the training loop's speed for a given config, e.g. upstream-like vs the defaults.
 
     python benchmarks/imagenet_like.py /tmp/imagenet_like --train 8000 --val 500
     python benchmarks/train_e2e.py --data-path /tmp/imagenet_like --device cuda --pipeline fast --pipeline upstream
+    python benchmarks/train_e2e.py --data-path /tmp/imagenet_like --device cuda --variant tiny small --pipeline dali
     python benchmarks/train_e2e.py --synthetic-only --device cuda --variant tiny small base \\
         --opts MODEL.DFVT.FAST_PATH False AMP_DTYPE float16
 """
@@ -53,7 +57,7 @@ from optimizer import build_optimizer  # noqa: E402
 from utils import DistEnv, set_seed  # noqa: E402
 
 VARIANTS = ("tiny", "small", "base")
-PIPELINES = ("fast", "upstream")
+PIPELINES = ("fast", "upstream", "dali")  # DATA.PIPELINE fast|upstream of the torch loader; DATA.LOADER dali
 QUIET_PRINT_FREQ = 10**9  # train_one_epoch then reports once, at the end of the epoch (to a WARNING-level logger)
 
 
@@ -79,7 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup", type=warmup_count, default=None, help="untimed steps before each timed run (default auto)"
     )
     parser.add_argument(
-        "--pipeline", action="append", choices=PIPELINES, help="DATA.PIPELINE; give it twice to compare (default fast)"
+        "--pipeline",
+        action="append",
+        choices=PIPELINES,
+        help="DATA.PIPELINE fast|upstream, or dali (DATA.LOADER dali); repeat it to compare (default fast)",
     )
     parser.add_argument("--workers", default="auto", help="loader workers per process (DATA.NUM_WORKERS)")
     parser.add_argument("--img-size", type=int, help="input side (DATA.IMG_SIZE; default the config's, 224)")
@@ -101,7 +108,7 @@ def build_config(args: argparse.Namespace, variant: str, pipeline: str):
     opts = [
         "DATA.DATASET", "folder",
         "DATA.BATCH_SIZE", str(args.batch_size),
-        "DATA.PIPELINE", pipeline,
+        *(("DATA.LOADER", "dali") if pipeline == "dali" else ("DATA.PIPELINE", pipeline)),
         "DATA.NUM_WORKERS", str(args.workers),
         "TRAIN.COMPILE", str(args.compile),
         "PRINT_FREQ", str(QUIET_PRINT_FREQ),
@@ -223,7 +230,8 @@ def measure(args: argparse.Namespace, variant: str, pipeline: str, device: torch
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     workers = data.num_workers if data is not None else resolve_num_workers(config.DATA.NUM_WORKERS)
-    warmup = args.warmup if args.warmup is not None else (workers * math.ceil(5 / workers) if workers else 5)
+    burst = workers if workers and config.DATA.LOADER == "torch" else 1  # DALI threads deliver no burst
+    warmup = args.warmup if args.warmup is not None else burst * math.ceil(5 / burst)
     micro_batches = len(data.train) if data is not None else (warmup + args.steps) * accum
     steps_per_epoch = optimizer_steps_per_epoch(micro_batches, accum)
     lrs = linear_scaled_lrs(config, env.world_size)

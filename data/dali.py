@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,23 @@ from .transforms import eval_resize_side
 INSTALL = "pip install -r requirements-dali.txt"
 
 
+@contextmanager
+def _without_dali_deprecations() -> Iterator[None]:
+    """DALI's RandAugment module calls its own deprecated operator aliases, and DALI shows those warnings under a
+    filter of its own (``simplefilter("default")``), past any ``ignore`` of ours: record them, drop the deprecation
+    warnings raised inside DALI (not the user's to act on), and pass every other warning on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali" in w.filename.replace("/", ".")):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
 def import_dali() -> Any:
     """The ``nvidia.dali`` module, or a one-line :class:`ConfigError` saying how to install it."""
     try:
-        with warnings.catch_warnings():  # DALI's RandAugment module uses its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _without_dali_deprecations():
             import nvidia.dali
             import nvidia.dali.auto_aug.rand_augment  # noqa: F401 (loaded here, used by the training pipeline)
             import nvidia.dali.fn  # noqa: F401
@@ -110,8 +123,7 @@ class DaliLoader:
         if not batches:
             return
         pipe = self._build(self.epoch, self.dataset, batches)
-        with warnings.catch_warnings():  # DALI's RandAugment graph uses its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _without_dali_deprecations():
             pipe.build()
         for batch in batches:
             try:
@@ -190,8 +202,7 @@ def _pipeline_factory(config: CfgNode, train: bool, device: torch.device, thread
     geometry = (scale_size, size) if not train and config.TEST.CROP else None
 
     def build(epoch: int, dataset: Dataset, batches: list[list[int]]):
-        with warnings.catch_warnings():  # DALI's RandAugment module calls its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _without_dali_deprecations():
             return _build(epoch, _Feed(dataset, batches, geometry))
 
     def _build(epoch: int, source: _Feed):
@@ -249,6 +260,9 @@ def build_dali_loaders(
 ) -> DaliLoader:
     """The DALI loader of one split for one process (``threads``: DALI's CPU threads, ``DATA.NUM_WORKERS``
     resolved); its pipeline runs on ``device`` when that is a GPU, else on the CPU."""
-    pipe_device = device if device.type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":  # DALI's device_id: the GPU's number ("cuda" alone means the current one)
+        pipe_device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    else:
+        pipe_device = torch.device("cpu")
     build = _pipeline_factory(config, train, pipe_device, threads, rank)
     return DaliLoader(dataset, sampler, config.DATA.BATCH_SIZE, train, build, pipe_device)

@@ -135,6 +135,9 @@ class DeviceLoader:
             # Memory the consumer freed may be reused below: let its queued work finish before writing into it.
             self._stream.wait_stream(consumer)
             with torch.cuda.stream(self._stream):
+                for tensor in (images, targets):
+                    if tensor.is_cuda:  # made on the consumer's stream (DALI): not reused until read here
+                        tensor.record_stream(self._stream)
                 ready = self.prepare(images, targets, index)
             if pending is not None:
                 yield pending

@@ -4,6 +4,7 @@ package. (The GPU mode runs in benchmarks/gpu_check.sh.)"""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,15 @@ from PIL import Image
 
 from config import load_config
 from data import build_loader
-from data.dali import DaliLoader, centre_crop_geometry, import_dali, rand_augment_settings
+from data.dali import (
+    DaliLoader,
+    _without_dali_deprecations,
+    centre_crop_geometry,
+    import_dali,
+    rand_augment_settings,
+)
 from errors import ConfigError, DataError
-from tests.helpers import check, config_path, launcher, main_args, run, summaries
+from tests.helpers import check, config_path, launcher, main_args, run, summaries, write_zip_dataset
 
 pytest.importorskip("nvidia.dali", reason="DALI is optional: pip install -r requirements-dali.txt")
 
@@ -90,6 +97,44 @@ def test_batches_are_uint8_with_the_labels_of_their_images(coloured, split):
     assert images.dtype == torch.float32 and -2.2 < float(images.min()) and float(images.max()) < 2.7
 
 
+def test_an_epoch_s_order_is_the_torch_loader_s_and_a_resume_continues_at_its_batch(coloured):
+    dali = build_loader(cfg(coloured, "DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none")).train
+    plain = build_loader(cfg(coloured, "AUG.AUTO_AUGMENT", "none")).train
+    for loader in (dali, plain):
+        loader.set_epoch(3)
+    whole = [labels.tolist() for _, labels in dali]
+    assert whole == [labels.tolist() for _, labels in plain] and len(whole) == 4
+    dali.set_epoch(3, first_batch=2)  # as a run continued from a mid-epoch checkpoint at step 2 starts
+    assert [labels.tolist() for _, labels in dali] == whole[2:]
+    dali.set_epoch(4)
+    assert [labels.tolist() for _, labels in dali] != whole  # a new epoch, a new shuffle
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_batches_on_the_device_cuda_or_cpu(coloured, device):
+    """On CUDA DALI decodes with device="mixed" and its batches stay on the GPU; the CPU run of the same body keeps
+    the GPU check from meeting a typo first."""
+    dali = ("DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0")
+    data = build_loader(cfg(coloured, *dali), torch.device(device))
+    assert data.train.loader.device.type == device and data.train.loader.device.index == (
+        0 if device == "cuda" else None
+    )
+    data.train.set_epoch(0)
+    for images, labels in data.train.loader:
+        assert images.device.type == device and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+        assert labels.device.type == "cpu" and dominant(images) == labels.tolist()
+    images, labels = next(iter(data.train))  # model-ready: normalised on the device (on CUDA, on a side stream)
+    assert images.device.type == labels.device.type == device and images.dtype == torch.float32
+    # Evaluation: the torch loader's pixels (CPU, torchvision) within the decoders' and resamplers' differences.
+    reference = torch.cat([x for x, _ in build_loader(cfg(coloured)).val])
+    got = torch.cat([x.cpu() for x, _ in data.val])
+    gap = (reference - got).abs()
+    assert got.shape == reference.shape and gap.mean().item() < 0.02, (gap.mean().item(), gap.max().item())
+
+
 def test_every_validation_image_once_across_two_shards(coloured):
     config = cfg(coloured, "DATA.LOADER", "dali")
     whole = build_loader(config).val.loader
@@ -114,6 +159,33 @@ def test_evaluation_inputs_agree_with_the_torch_loader(coloured):
     # resampling differs a little (on ImageNet-like photos at 224: 0.0025 mean, 0.12 at most).
     gap = (a - b).abs()
     assert gap.mean().item() < 0.01 and gap.max().item() < 0.25, (gap.mean().item(), gap.max().item())
+
+
+@pytest.mark.parametrize("mode", ["no", "part"])
+def test_zip_datasets_give_the_folder_s_batches(coloured, tmp_path, mode):
+    """DATA.ZIP_MODE: DALI decodes the zip members' bytes; the same pixels and labels as from the folders."""
+    zips = write_zip_dataset(coloured, tmp_path / "zips")
+    dali = ("DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none")  # RandAugment could invert the colours
+    folder = build_loader(cfg(coloured, *dali))
+    zipped = build_loader(cfg(zips, *dali, "DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", mode))
+    assert isinstance(zipped.val.loader, DaliLoader)
+    for a, b in zip(folder.val.loader, zipped.val.loader, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    zipped.train.set_epoch(2)
+    for images, labels in zipped.train.loader:
+        assert dominant(images) == labels.tolist()
+
+
+def test_dali_s_own_deprecation_warnings_are_dropped_and_others_kept(coloured):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _without_dali_deprecations():
+            warnings.warn_explicit("alias", DeprecationWarning, "/x/nvidia/dali/ops/__init__.py", 1)
+            warnings.warn("ours", DeprecationWarning, stacklevel=1)
+            warnings.warn("a user warning", UserWarning, stacklevel=1)
+        build_loader(cfg(coloured, "DATA.LOADER", "dali")).train.set_epoch(0)
+        next(iter(build_loader(cfg(coloured, "DATA.LOADER", "dali")).train))  # builds the RandAugment pipeline
+    assert sorted(str(w.message) for w in caught) == ["a user warning", "ours"]
 
 
 def test_without_dali_the_error_says_how_to_install_it(monkeypatch, coloured):

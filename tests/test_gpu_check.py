@@ -31,14 +31,20 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> tuple[list[list[str]], str]:
+HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def dry_run_of(report: Path, **env: str) -> tuple[list[list[str]], str]:
     """The commands ``DRY_RUN=1 gpu_check.sh`` prints (``$ cmd`` lines, shell-quoted) and the report it writes."""
-    report = tmp_path_factory.mktemp("gpu_check") / "report.md"
-    env = clean_env({"DRY_RUN": "1", "PYTHON": sys.executable, "COMPILE": "1", "TRAIN_IMAGES": "8000"})
+    env = clean_env({"DRY_RUN": "1", "PYTHON": sys.executable, "COMPILE": "1", "TRAIN_IMAGES": "8000", **env})
     proc = subprocess.run(["bash", str(SCRIPT), str(report)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("$ ")], report.read_text()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[list[list[str]], str]:
+    return dry_run_of(tmp_path_factory.mktemp("gpu_check") / "report.md")
 
 
 def split(line: str) -> list[str]:
@@ -60,10 +66,51 @@ def test_dry_run_lists_every_step_and_writes_the_report(dry_run):
     joined = [" ".join(c) for c in commands]
     for needle in ("pytest", "imagenet_like.py", "--eval --resume", "--throughput", "train_e2e.py", "benchmark.py"):
         assert any(needle in c for c in joined), f"no command with {needle!r}"
-    assert sum("main.py" in c for c in joined) == 3
+    assert sum("main.py" in c for c in joined) == 3 + HAVE_DALI  # train, eval, throughput; eval with DALI
+    assert any("DATA.LOADER dali" in c for c in joined) == any("--pipeline dali" in c for c in joined) == HAVE_DALI
     assert "| step | what | status | seconds |" in report and report.count("| dry run |") == len(commands)
     for section in ("## a. Environment", "## b. CUDA tests", "## d. main.py", "## e. End-to-end", "## f. Train step"):
         assert section in report
+
+
+def test_without_dali_its_steps_are_skipped_not_failed(tmp_path):
+    shadow = tmp_path / "shadow" / "nvidia"  # a regular package named nvidia hides the installed nvidia.* packages
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    commands, report = dry_run_of(tmp_path / "report.md", PYTHONPATH=str(shadow.parent))
+    assert not any("dali" in " ".join(c).lower() for c in commands)
+    for step in ("d-eval-dali", "e-train-e2e-dali"):
+        assert re.search(
+            rf"^\| {step} \| .* \| skipped \(NVIDIA DALI does not import: pip install -r requirements-dali.txt",
+            report,
+            re.M,
+        )
+    assert "## Failures" not in report
+
+
+def test_loader_comparison_table(tmp_path):
+    """gpu_check.sh's compare_loaders on hand-made train_e2e.py JSON: the ratios and the goal, computed by hand."""
+
+    def rows(*items):
+        return json.dumps(
+            {
+                "rows": [
+                    dict(zip(("variant", "pipeline", "real_ips", "real_over_synthetic"), r, strict=True)) for r in items
+                ]
+            }
+        )
+
+    (tmp_path / "torch.json").write_text(
+        rows(("tiny", "fast", 1000.0, 0.5), ("tiny", "upstream", 800.0, 0.4), ("small", "fast", 900.0, 0.9))
+    )
+    (tmp_path / "dali.json").write_text(rows(("tiny", "dali", 1700.0, 0.85), ("small", "dali", 810.0, 0.79)))
+    function = re.search(r"^compare_loaders\(\) \{.*?^\}$", SCRIPT.read_text(), re.M | re.S)[0]
+    paths = " ".join(shlex.quote(str(tmp_path / f"{name}.json")) for name in ("torch", "dali"))
+    out = check(run(["bash", "-c", f"{function}\nPY={shlex.quote(sys.executable)} compare_loaders {paths}"]))
+    assert out.stdout.splitlines()[2:] == [
+        "| tiny | 1000.0 | 1700.0 | 1.70x | 0.85 | met |",
+        "| small | 900.0 | 810.0 | 0.90x | 0.79 | NOT met |",
+    ]
 
 
 def script_args(command: list[str], script: str) -> list[str]:
@@ -198,6 +245,23 @@ def test_train_e2e_on_the_cpu_both_pipelines(tmp_path):
         assert r["loader_batches_per_epoch"] == 3 and r["loader_restarts_timed"] == int(restarts) == 1
         assert r["num_train"] == 12
     assert "fp32 (AMP_OPT_LEVEL O0) | fast path | batch 4 x 1 micro-batch(es) at 32 px" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_e2e_dali_row_on_the_cpu(tmp_path, capsys):
+    """``--pipeline dali`` (DALI's CPU-only mode here): a row like the torch loader's, warm-up 5 by default."""
+    pytest.importorskip("nvidia.dali", reason="DALI is optional: pip install -r requirements-dali.txt")
+    train_e2e = load_script("train_e2e")
+    data = write_image_folder(tmp_path / "data", n_train=4, n_val=2)  # 12 training images: 3 batches of 4
+    argv = ["--data-path", str(data), "--device", "cpu", "--img-size", "32", "--batch-size", "4", "--steps", "2"]
+    rows = train_e2e.main([*argv, "--workers", "1", "--pipeline", "dali", "--opts", "AMP_OPT_LEVEL", "O0"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["pipeline"] == "dali" and row["workers"] == 1 and row["warmup_steps"] == 5
+    assert row["real_ips"] == pytest.approx(8 / row["real_s"]) and row["real_ips"] > 0
+    # 7 batches from 3 per epoch: epoch 1 begins in the warm-up, epoch 2 (a new pipeline) in the timed steps.
+    assert row["loader_batches_per_epoch"] == 3 and row["loader_restarts_timed"] == 1 and row["num_train"] == 12
+    assert re.search(r"^\| tiny \| dali \| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 1 \|$", capsys.readouterr().out, re.M)
 
 
 def test_synthetic_only_upstream_like_precision(capsys):
