@@ -90,7 +90,7 @@ def run_summary(
         if i.class_indices is not None:
             classes = f"{len(i.class_indices)} of the model's {i.num_classes} classes"
         lines.append(f"Data: {config.DATA.DATASET} {i.root}{zipped} | {classes} | {split}")
-        lines.append(f"Loader: {config.DATA.PIPELINE} pipeline | {data.num_workers} worker(s) per process")
+        lines.append(f"Loader: {data.loader}")
         lines.append(f"Eval transform: {describe_eval_transform(config)}")
     lines.append(
         f"Precision: {precision.describe()} | batch {batch} per process x {env.world_size} process(es) x {accum} "

@@ -62,7 +62,8 @@ class Data:
     """The loaders of one process, yielding model-ready batches on its device; ``train`` and ``mixup_fn`` are None
     in ``EVAL_MODE``; ``num_workers`` is the loader worker count ``DATA.NUM_WORKERS`` resolved to; ``real_labels``
     the ReaL labels of the validation images (``TEST.REAL_LABELS`` in ``EVAL_MODE``), else None; ``unreadable``
-    the training set's :class:`SkipUnreadable` with ``DATA.SKIP_UNREADABLE`` (drain it after each epoch)."""
+    the training set's :class:`SkipUnreadable` with ``DATA.SKIP_UNREADABLE`` (drain it after each epoch);
+    ``loader`` the loader in words, for the run summary."""
 
     info: DataInfo
     train: DeviceLoader | None
@@ -71,6 +72,7 @@ class Data:
     num_workers: int = 0
     real_labels: RealLabels | None = None
     unreadable: SkipUnreadable | None = None
+    loader: str = ""
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -249,4 +251,9 @@ def build_loader(config: CfgNode, device: torch.device | str = "cpu") -> Data:
         loader = DataLoader(ds_val, sampler=val_sampler, drop_last=False, **common)
     loader_val = DeviceLoader(loader, device, mean, std)
     mixup_fn = build_mixup(config, num_classes) if train else None
-    return Data(info, loader_train, loader_val, mixup_fn, workers, real, skip)
+    if dali:
+        where = "decoding on the GPU, device=mixed" if loader.device.type == "cuda" else "CPU-only mode"
+        words = f"DALI ({where}) | {workers} DALI thread(s) per process"
+    else:
+        words = f"{config.DATA.PIPELINE} pipeline | {workers} worker(s) per process"
+    return Data(info, loader_train, loader_val, mixup_fn, workers, real, skip, words)

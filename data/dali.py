@@ -197,6 +197,7 @@ def _pipeline_factory(config: CfgNode, train: bool, device: torch.device, thread
     decoder = "mixed" if on_gpu else "cpu"
     cubic = types.INTERP_CUBIC if config.DATA.INTERPOLATION == "bicubic" else types.INTERP_LINEAR
     augment = rand_augment_settings(config.AUG.AUTO_AUGMENT) if train else None
+    jitter = config.AUG.COLOR_JITTER if train and augment is None else 0.0  # timm: colour jitter without RandAugment
     scale_size = eval_resize_side(config)
 
     geometry = (scale_size, size) if not train and config.TEST.CROP else None
@@ -232,6 +233,14 @@ def _pipeline_factory(config: CfgNode, train: bool, device: torch.device, thread
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=config.AUG.HFLIP))
                 if augment is not None:
                     images = rand_augment.rand_augment(images, n=augment[0], m=augment[1], shape=[size, size])
+                elif jitter > 0:  # torchvision's ColorJitter(j, j, j): each factor uniform in [max(0, 1 - j), 1 + j]
+                    factor = [max(0.0, 1.0 - jitter), 1.0 + jitter]
+                    images = fn.color_twist(
+                        images,
+                        brightness=fn.random.uniform(range=factor),
+                        contrast=fn.random.uniform(range=factor),
+                        saturation=fn.random.uniform(range=factor),
+                    )
             else:
                 images = fn.decoders.image(files, device=decoder, output_type=types.RGB)
                 if geometry:

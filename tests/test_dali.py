@@ -110,6 +110,28 @@ def test_an_epoch_s_order_is_the_torch_loader_s_and_a_resume_continues_at_its_ba
     assert [labels.tolist() for _, labels in dali] != whole  # a new epoch, a new shuffle
 
 
+def test_colour_jitter_without_randaugment_as_timm(tmp_path):
+    """timm applies ColorJitter(j, j, j) when there is no RandAugment policy: on uniform grey 128 images (crop, flip
+    and contrast/saturation leave them grey 128), each image becomes 128 x its brightness factor, in [0.6, 1.4]."""
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    means = {}
+    for jitter in ("0.4", "0"):
+        loader = build_loader(
+            cfg(tmp_path, "DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none", "AUG.COLOR_JITTER", jitter)
+        )
+        images = torch.cat([x for x, _ in loader.train.loader]).float()
+        assert (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).max() <= 1  # still (nearly) uniform
+        means[jitter] = images.mean(dim=(1, 2, 3))
+    assert means["0"].eq(128).all()
+    jittered = means["0.4"]
+    assert jittered.min() >= 0.6 * 128 - 1 and jittered.max() <= 1.4 * 128 + 1
+    assert jittered.std() > 15  # uniform over [77, 179]: 29.6 expected
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
 
 
@@ -119,9 +141,10 @@ def test_batches_on_the_device_cuda_or_cpu(coloured, device):
     the GPU check from meeting a typo first."""
     dali = ("DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0")
     data = build_loader(cfg(coloured, *dali), torch.device(device))
-    assert data.train.loader.device.type == device and data.train.loader.device.index == (
-        0 if device == "cuda" else None
-    )
+    pipeline_device = data.train.loader.device  # "cuda" resolved to the current GPU's number, DALI's device_id
+    assert pipeline_device.type == device and pipeline_device.index == (0 if device == "cuda" else None)
+    where = "decoding on the GPU, device=mixed" if device == "cuda" else "CPU-only mode"
+    assert data.loader == f"DALI ({where}) | 1 DALI thread(s) per process"  # the run summary's Loader line
     data.train.set_epoch(0)
     for images, labels in data.train.loader:
         assert images.device.type == device and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
