@@ -220,11 +220,23 @@ class RunState:
     def load_state_dict(self, state: dict[str, Any], source: str, logger: logging.Logger) -> None:
         """Continue from ``state`` (ours or an upstream checkpoint read from ``source``): the model strictly; the
         weight average, optimizer, schedule and scaler where they fit this run (others are skipped with a warning;
-        a missing weight average starts from the loaded weights)."""
-        load_model_weights(self.model, model_state_of(state, source), source, logger=logger)
+        a missing weight average starts from the loaded weights). Training state of another window layout (bias
+        tables resized) is refused with :class:`CheckpointError`: the optimizer's moments keep the file's shapes,
+        which torch's ``Optimizer.load_state_dict`` does not check."""
+        notes = load_model_weights(self.model, model_state_of(state, source), source, logger=logger, purpose="resume")
+        if notes:
+            resized = "; ".join(note.split(": ")[0] for note in notes)
+            raise CheckpointError(
+                f"{source} holds a run's training state (optimizer, LR schedule) at another image or window size "
+                f"({resized}), which cannot continue at this DATA.IMG_SIZE / MODEL.DFVT.WINDOW_SIZE: to fine-tune its "
+                f"weights at this size, start a new run from it with --pretrained {source} (another --tag if this "
+                f"folder holds it), or resume it at the size and window it was trained at."
+            )
         if self.ema is not None:
             if isinstance(state.get("model_ema"), dict):
-                load_model_weights(self.ema.module, model_state_of(state, source, "model_ema"), source)
+                load_model_weights(
+                    self.ema.module, model_state_of(state, source, "model_ema"), source, purpose="resume"
+                )
             else:
                 self.ema.set(self.model)
                 logger.warning(f"{source}: no weight average (model_ema) saved; the EMA starts from its weights")
@@ -382,7 +394,7 @@ def resume(config: CfgNode, run: RunState, env: DistEnv, logger: logging.Logger)
     logger.info(f"Resuming from {path}")
     ckpt = ckpt if ckpt is not None else load_file(path)
     if not (isinstance(ckpt, dict) and "epoch" in ckpt):  # weights only: the run starts at its first epoch
-        load_model_weights(run.model, model_state_of(ckpt, path), path, logger=logger)
+        load_model_weights(run.model, model_state_of(ckpt, path), path, logger=logger, purpose="resume")
         if run.ema is not None:
             run.ema.set(run.model)
         run.origin = explicit
@@ -416,6 +428,8 @@ class EpochProgress:
     sums: dict[str, list[float]] = field(default_factory=dict)
     skipped: int = 0
     layout: tuple[int, int, int] = (0, 0, 0)  # processes, batch per process, accumulation steps: what a step means
+    # DATA.SKIP_UNREADABLE: the unreadable images each process met so far this epoch, by rank ([index, message] pairs)
+    unreadable: list[list[list]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -424,13 +438,15 @@ class EpochProgress:
             "sums": self.sums,
             "skipped": self.skipped,
             "layout": list(self.layout),
+            "unreadable": self.unreadable,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochProgress:
         sums = {k: [float(v[0]), float(v[1])] for k, v in dict(state.get("sums", {})).items()}
         layout = tuple(int(x) for x in state.get("layout", (0, 0, 0)))
-        return cls(int(state["epoch"]), int(state["step"]), sums, int(state.get("skipped", 0)), layout)
+        unreadable = [[[int(i), str(m)] for i, m in notes] for notes in state.get("unreadable", [])]
+        return cls(int(state["epoch"]), int(state["step"]), sums, int(state.get("skipped", 0)), layout, unreadable)
 
 
 def train_one_epoch(
@@ -707,17 +723,48 @@ def throughput(config: CfgNode, loader, model: nn.Module, precision: Precision, 
     return rate
 
 
-def report_unreadable(skip: SkipUnreadable, stats: dict, epoch: int, config: CfgNode, env: DistEnv, logger) -> None:
+def unreadable_so_far(skip: SkipUnreadable, met: dict[int, str], env: DistEnv) -> list[list[list]]:
+    """Add what ``skip`` noted since the last drain to ``met`` (index: message, the unreadable images this process met
+    so far this epoch) and return every process's, by rank, for a mid-epoch checkpoint (all processes together)."""
+    for item in skip.drain():
+        met.setdefault(item.index, item.message)
+    mine = [[index, message] for index, message in sorted(met.items())]
+    if not env.distributed:
+        return [mine]
+    every: list = [None] * env.world_size
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def report_unreadable(
+    skip: SkipUnreadable,
+    stats: dict,
+    epoch: int,
+    config: CfgNode,
+    env: DistEnv,
+    logger,
+    met: dict[int, str] | None = None,
+) -> None:
     """Name the training images ``DATA.SKIP_UNREADABLE`` replaced this epoch (on their rank) and stop every rank in
-    one line when they were more than 1 % of the images the epoch drew on all ranks."""
-    skipped = skip.drain()
-    for item in skipped:
-        logger.warning(f"EPOCH {epoch}: unreadable training image replaced by the next readable one: {item.message}")
-    drawn = (stats["step"] - stats["first_step"]) * config.TRAIN.ACCUMULATION_STEPS * config.DATA.BATCH_SIZE
+    one line when they were more than 1 % of the images the epoch drew on all ranks.
+
+    ``met`` holds the images met earlier in the epoch (restored from a mid-epoch checkpoint, or drained when one was
+    written), so an epoch continued after a resume reports and counts the whole epoch, as the uninterrupted run would;
+    it is emptied. An epoch stopped by a signal (``stats["stopped"]``) names what it met so far, and leaves the 1 %
+    rule to the end of the epoch, after the rerun."""
+    met = {} if met is None else met
+    for item in skip.drain():
+        met.setdefault(item.index, item.message)
+    skipped = sorted(met.items())
+    met.clear()
+    for _, message in skipped:
+        logger.warning(f"EPOCH {epoch}: unreadable training image replaced by the next readable one: {message}")
+    drawn = stats["step"] * config.TRAIN.ACCUMULATION_STEPS * config.DATA.BATCH_SIZE  # from the epoch's first step
     count, images = all_reduce_sum([len(skipped), drawn], env.device)
     if count:
         logger.info(f"EPOCH {epoch}: {int(count)} unreadable of {int(images)} training images drawn (all processes)")
-    check_unreadable(int(count), int(images))
+    if not stats["stopped"]:
+        check_unreadable(int(count), int(images))
 
 
 def train(
@@ -749,8 +796,12 @@ def train(
 
     layout = (env.world_size, config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS)
 
+    met: dict[int, str] = {}  # DATA.SKIP_UNREADABLE: the unreadable images this process met so far this epoch
+
     def save_recovery(progress: EpochProgress) -> None:
         progress.layout = layout
+        if data.unreadable is not None:
+            progress.unreadable = unreadable_so_far(data.unreadable, met, env)
         run.position = progress.state_dict()
         try:
             save_checkpoint(recovery_path, run, config, env, class_names)
@@ -777,6 +828,9 @@ def train(
                 )
                 progress = None
         run.position = None
+        met.clear()  # the images met before a mid-epoch checkpoint count in this epoch's report
+        if progress is not None and len(progress.unreadable) == env.world_size:
+            met.update((index, message) for index, message in progress.unreadable[env.rank])
         first_batch = progress.step * config.TRAIN.ACCUMULATION_STEPS if progress is not None else 0
         if hasattr(data.train, "set_epoch"):
             data.train.set_epoch(epoch, first_batch)
@@ -805,7 +859,7 @@ def train(
                 f"Lower TRAIN.BASE_LR or check the data, then resume from it."
             ) from e
         if data.unreadable is not None:
-            report_unreadable(data.unreadable, stats, epoch, config, env, logger)
+            report_unreadable(data.unreadable, stats, epoch, config, env, logger, met)
         if stats["stopped"]:
             raise RunStopped(
                 f"stopped by {signal.Signals(stats['stopped']).name} at epoch {epoch}, step {stats['step']}/"

@@ -12,8 +12,8 @@ Wiring (one :class:`SkipUnreadable` per process, around the training dataset onl
         train_one_epoch(...)                              # the loader's iterator ends: its workers have exited
         skipped = skip.drain()                            # [UnreadableImage(index, message)], this process's
         for item in skipped: logger.warning(...)          # one line per file: item.message names it
-        count = all-reduce sum of len(skipped)            # images = all-reduce sum of the images the epoch (or
-        check_unreadable(count, images)                   # its continued part) fetched: steps x batch per rank;
+        count = all-reduce sum of len(skipped)            # images = all-reduce sum of the images the epoch
+        check_unreadable(count, images)                   # fetched from its first step: steps x batch per rank;
     skip.close()                                          # DataError (one line) past 1 %, on every rank alike;
                                                           # close is optional (the folder goes at exit anyway)
 
@@ -25,8 +25,9 @@ place of one; summed over ranks, a file two ranks met (the unreadable neighbour 
 
 Exact resume: the replacement of image ``i`` depends only on ``i`` and on which files are unreadable, and it is drawn
 with the random state image ``i``'s own attempt left (a failed candidate's draws are undone), whatever this process met
-before, so an epoch replayed from its start or continued from the middle yields the same samples. The wrapper holds no
-state a checkpoint needs.
+before, so an epoch replayed from its start or continued from the middle yields the same samples. The wrapper itself
+holds no state a checkpoint needs; what an epoch met before a mid-epoch checkpoint is the engine's to keep (its
+``EpochProgress.unreadable``), so the epoch's report and its 1 % rule cover the whole epoch after a resume.
 """
 
 from __future__ import annotations

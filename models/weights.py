@@ -71,14 +71,28 @@ def fit_to_layout(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) 
     return state, notes
 
 
-def _head_mismatch_hint(path: str, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
+# Why weights are loaded, for the class-count hint: "evaluate" (--eval, predict.py, export.py: the data must fit the
+# file's classes) or "resume" (continuing training: a new class count is a fine-tuning run, --pretrained).
+PURPOSES = ("evaluate", "resume")
+
+
+def _head_mismatch_hint(path: str, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], purpose: str) -> str:
     file_classes, model_classes = state["head.weight"].shape[0], own["head.weight"].shape[0]
-    return (
+    problem = (
         f"Checkpoint {path} has a {file_classes}-class head and this model {model_classes} classes: a class-count "
-        f"mismatch, not another variant. To fine-tune it on your classes, start from it with --pretrained {path} "
-        f"(the head is re-initialised; DATA.DATASET folder counts the classes). To evaluate it, give the data its "
-        f"{file_classes} classes: ImageNet class folders (synsets or 0..{file_classes - 1}, all or a subset) with "
-        f"DATA.CLASS_MAP auto, or a DATA.CLASS_MAP file mapping your folders to its classes."
+        f"mismatch, not another variant."
+    )
+    if purpose == "resume":
+        return (
+            f"{problem} --resume continues a run on the classes it was trained on; to train on these "
+            f"{model_classes} classes, start a new run from it with --pretrained {path} (the head is re-initialised; "
+            f"DATA.DATASET folder counts the class folders)."
+        )
+    names = f"ImageNet synsets or 0..{file_classes - 1}" if file_classes == 1000 else f"0..{file_classes - 1}"
+    return (
+        f"{problem} To evaluate it, give the data its {file_classes} classes: DATA.DATASET imagenet "
+        f"(MODEL.NUM_CLASSES {file_classes}) with class folders named {names} (DATA.CLASS_MAP auto) or a "
+        f"DATA.CLASS_MAP file mapping your folders to its classes, all of them or a subset."
     )
 
 
@@ -88,10 +102,15 @@ def load_model_weights(
     path: str,
     ignore: tuple[str, ...] = (),
     logger: logging.Logger | None = None,
+    purpose: str = "evaluate",
 ) -> list[str]:
     """Load ``state`` into ``model`` strictly (except keys in ``ignore``), adapting weights of another window layout
     (:func:`fit_to_layout`; the notes are logged to ``logger`` and returned), or raise :class:`CheckpointError`
-    naming the missing, unexpected and mis-shaped keys and what would fit."""
+    naming the missing, unexpected and mis-shaped keys and what would fit. ``purpose`` (one of :data:`PURPOSES`)
+    picks the fix a class-count mismatch suggests: data that fits the file's classes for ``evaluate``,
+    ``--pretrained`` for ``resume``."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose {purpose!r} must be one of {', '.join(PURPOSES)}")
     own = model.state_dict()
     state, notes = fit_to_layout(own, state)
     missing = [k for k in own if k not in state and k not in ignore]
@@ -102,7 +121,7 @@ def load_model_weights(
         if k in state and k not in ignore and state[k].shape != own[k].shape
     ]
     if wrong and not missing and not unexpected and {k.split(" ")[0] for k in wrong} <= set(HEAD_KEYS):
-        raise CheckpointError(_head_mismatch_hint(path, state, own))
+        raise CheckpointError(_head_mismatch_hint(path, state, own, purpose))
     if missing or unexpected or wrong:
         details = "; ".join(
             f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"

@@ -207,6 +207,29 @@ def test_subset_evaluation_restricts_the_logits(tmp_path, model_1000, caplog):
     assert acc5 < 100.0 or acc1 < acc5  # the figures say something
 
 
+def test_subset_of_fewer_than_five_classes_caps_top_k_at_their_count(tmp_path, model_1000, caplog):
+    """3 of the 1000 classes: top-5 over the restricted logits is top-3 (every image's class is among them, 100 %),
+    not a topk(5) of 3 columns; top-1 and the loss are those of the 3 restricted logits."""
+    names = ["n01440764", "n02123045", "n15075141"]  # outputs 0, 281, 999
+    root = folders(tmp_path, names, n_val=2)
+    data = build_loader(cfg(root))
+    kept = [SYNSETS[name] for name in names]
+    assert data.info.class_indices == tuple(kept)
+    logger = logging.getLogger("test_class_map")
+    with caplog.at_level(logging.INFO, logger="test_class_map"):
+        got = validate(cfg(root), data.val, model_1000, 1000, FP32, CPU, logger, data.info.class_indices)
+    assert "evaluating on 3 of 1000 classes (logits restricted)" in caplog.text
+    assert "Acc@5 100.000" in caplog.text and got.acc5 == 100.0
+
+    logits = model_outputs(model_1000, data.val).double().numpy()
+    targets = [kept.index(SYNSETS[Path(p).parent.name]) for p, _ in data.val.dataset.samples]
+    acc1, acc5, loss = by_hand(logits[:, kept], targets)
+    assert got.acc1 == pytest.approx(acc1, abs=1e-9) and acc5 == 100.0
+    assert got.loss == pytest.approx(loss, rel=1e-5)
+    full = np.argsort(-logits, axis=1, kind="stable")[:, :5]  # the unrestricted top-5 of 1000 outputs
+    assert np.mean([kept[t] in row for t, row in zip(targets, full, strict=True)]) < 1.0  # the cap, not luck
+
+
 # ----------------------------------------------------------------------------------------------- ReaL labels
 
 

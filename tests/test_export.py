@@ -146,6 +146,25 @@ def test_torchscript_default_output_path_and_a_headless_checkpoint(tmp_path, exp
         np.testing.assert_allclose(loaded(x).numpy(), reference(model, x), rtol=0, atol=1e-5)
 
 
+def test_use_ema_exports_the_weight_average(checkpoints, tmp_path, export):
+    """TEST.USE_EMA True: the exported file computes the checkpoint's model_ema, not its model (which differs)."""
+    ema = tiny()
+    with torch.no_grad():
+        for param in ema.parameters():
+            param.mul_(0.5)
+    ckpt = tmp_path / "with_ema.pth"
+    torch.save({"model": checkpoints["model"].state_dict(), "model_ema": ema.state_dict(), "epoch": 7}, ckpt)
+    path = tmp_path / "ema.pt"
+    proc = export("--resume", ckpt, "--output", path, *SIZE, "--opts", "TEST.USE_EMA", "True")
+    assert proc.returncode == 0, proc.stderr
+    assert parity_line(proc.stdout)[0] == "TorchScript"
+    x = images(3)
+    with torch.no_grad():
+        out = jit_load(path)(x).numpy()
+    np.testing.assert_allclose(out, reference(ema, x), rtol=0, atol=1e-5)
+    assert np.abs(out - reference(checkpoints["model"], x)).max() > 1e-2  # not the model's weights
+
+
 def test_a_result_beyond_the_tolerance_exits_1_and_keeps_the_file(checkpoints, tmp_path, export, monkeypatch):
     real = export_script.run_torchscript
     monkeypatch.setattr(export_script, "run_torchscript", lambda path, x: real(path, x) + 0.05)  # a broken runtime

@@ -6,16 +6,21 @@ intact."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import engine
 import main
+from checkpoint import find_resumable, load_file, resume_position
 from tests.helpers import ROOT, clean_env, log_of, main_args, write_image_folder
 from utils import DistEnv, lock_run_folder
 
@@ -29,6 +34,9 @@ if sys.argv[2] == "fork" and os.fork() == 0:  # a child that outlives its parent
 print("locked", flush=True)
 time.sleep(120)
 """
+
+
+LOG = logging.getLogger("test_output_folder")
 
 
 def hold_lock(folder, fork: bool = False) -> subprocess.Popen:
@@ -106,9 +114,75 @@ def test_a_save_past_a_real_size_limit_loses_nothing(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = log_of(out).strip().splitlines()[-1]
     assert f"CheckpointError: cannot write {folder / 'ckpt_epoch_1.pth'} (File too large; " in last
-    assert "earlier checkpoints in" in last and "Traceback" not in proc.stdout + proc.stderr
-    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest  # the last good checkpoint, untouched
+    assert re.search(r"\(File too large; \d+ MiB free there\); earlier checkpoints in ", last), last
+    assert "Traceback" not in proc.stdout + proc.stderr
+    _intact(folder, good, digest)
+
+
+def _intact(folder: Path, good: Path, digest: str) -> None:
+    """``good`` (ckpt_epoch_0.pth) is untouched, loads, and is what a rerun continues from; nothing half-written."""
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
+    saved = load_file(str(good))
+    assert saved["epoch"] == 0 and saved["model"] and all(torch.isfinite(v).all() for v in saved["model"].values())
+    path, ckpt = find_resumable(str(folder), LOG)
+    assert path == str(good) and resume_position(ckpt) == (1, 0)
     assert not list(folder.glob(".tmp-*")) and not (folder / "ckpt_epoch_1.pth").exists()
+
+
+def _read_only(folder: Path) -> None:
+    """Make ``folder`` read-only (0o555); skip the test where that does not stop writes (root, or a filesystem that
+    ignores modes)."""
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip(f"a read-only folder is still writable here (uid {os.getuid()}): permissions cannot be tested")
+
+
+def test_a_read_only_output_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    _read_only(out)
+    try:
+        assert main.main([str(a) for a in main_args(None, out)[1:]]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the output folder {out / 'dfvt_tiny' / 't'} is not writable ")
+    assert "(Permission denied); pass --output (OUTPUT) a folder you can write to" in err[0]
+    assert not list(out.iterdir())
+
+
+def test_an_output_folder_made_read_only_during_a_run_loses_nothing(tmp_path, monkeypatch):
+    (tmp_path / "probe").mkdir()
+    _read_only(tmp_path / "probe")  # skips now, not after an epoch, where modes do not stop writes
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    folder = out / "dfvt_tiny" / "t"
+    args = [str(a) for a in main_args(data, out, opts=("TRAIN.EPOCHS", "2"))[1:]]
+    validate = engine.validate
+    made_read_only = []
+
+    def validate_then_lock(*a, **kw):  # after epoch 0's checkpoint, the folder turns read-only (epoch 1 validating)
+        figures = validate(*a, **kw)
+        if (folder / "ckpt_epoch_0.pth").exists() and not made_read_only:
+            made_read_only.append(hashlib.sha256((folder / "ckpt_epoch_0.pth").read_bytes()).hexdigest())
+            folder.chmod(0o555)
+        return figures
+
+    monkeypatch.setattr(engine, "validate", validate_then_lock)
+    try:
+        code = main.main(args)
+    finally:
+        folder.chmod(0o755)
+    assert code == 2 and made_read_only
+    last = log_of(out).strip().splitlines()[-1]
+    # Epoch 1's first write (its summary.csv row, then its checkpoint) fails: one line, naming the file, the error
+    # and the free space.
+    assert re.search(
+        rf"CheckpointError: cannot write {re.escape(str(folder))}/\S+ \(Permission denied; \d+ MiB free ", last
+    )
+    assert f"earlier checkpoints in {folder} are intact" in last
+    _intact(folder, folder / "ckpt_epoch_0.pth", made_read_only[0])
 
 
 def test_a_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):

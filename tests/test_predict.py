@@ -179,6 +179,27 @@ def test_custom_classes_upstream_file_and_class_names(setup, tmp_path, predict):
     assert proc.returncode == 2 and "gives 2 names but the model has 3 classes" in proc.stderr
 
 
+def test_use_ema_predicts_with_the_weight_average(setup, tmp_path, predict):
+    """TEST.USE_EMA True: the checkpoint's model_ema weights predict, not its model weights (which differ)."""
+    ema = tiny_model()
+    with torch.no_grad():
+        ema.head.weight.neg_()  # another ranking of the classes
+    ckpt = tmp_path / "with_ema.pth"
+    torch.save({"model": setup["model"].state_dict(), "model_ema": ema.state_dict(), "epoch": 9}, ckpt)
+    image = setup["loose"][0]
+    expected = {
+        "True": expected_probs(ema.eval(), image).topk(5),
+        "False": expected_probs(setup["model"], image).topk(5),
+    }
+    assert expected["True"].indices.tolist() != expected["False"].indices.tolist()  # the two are told apart
+    for use_ema, top in expected.items():
+        proc = predict("--resume", ckpt, image, "--json", *OPTS, "TEST.USE_EMA", use_ema)
+        assert proc.returncode == 0, proc.stderr
+        (result,) = json.loads(proc.stdout)["images"]
+        assert [p["class"] for p in result["predictions"]] == top.indices.tolist(), use_ema
+        assert [p["prob"] for p in result["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
 def test_missing_resume_is_refused(setup, predict):
     proc = predict(*setup["loose"])
     assert proc.returncode == 2

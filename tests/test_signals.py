@@ -292,10 +292,50 @@ def test_save_steps_limits_what_kill_9_loses(data, reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert "Training time" not in log_of(tmp_path)
+    # One recovery checkpoint, the newest: at a multiple of 4 steps, the last one logged or (killed between writing
+    # it and logging it) the next. (None if the kill came after epoch 1's checkpoint, which supersedes it.)
+    kept = [p.name for p in recovery.parent.glob("*recovery*")]
+    assert kept == [RECOVERY_FILE] or (kept == [] and (recovery.parent / "ckpt_epoch_1.pth").exists()), kept
+    if kept:
+        position = load_file(str(recovery))["position"]
+        logged = re.findall(r"saved \(epoch (\d+), step (\d+)\)", log_of(tmp_path))
+        last = int(logged[-1][0]) * 6 + int(logged[-1][1])
+        assert last % 4 == 0 and position["epoch"] * 6 + position["step"] in (last, last + 4), (position, logged)
     check(run(cmd))
     log = log_of(tmp_path)
     assert re.search(r"continuing at epoch 1, step [2-5]", log) or "continuing at epoch 2" in log
     assert FINGERPRINT.search(log).group(1) == FINGERPRINT.search(log_of(reference)).group(1)
+
+
+def test_save_steps_keeps_only_the_newest_recovery_checkpoint(tmp_path, monkeypatch):
+    import main
+
+    data = write_image_folder(tmp_path / "data", n_train=8, n_val=1)  # 24 images: 6 steps of 4
+    out = tmp_path / "out"
+    folder = out / "dfvt_tiny" / "t"
+    seen = []  # after each save: the recovery files in the folder, with the step each holds
+
+    def recovery_files() -> list[tuple[str, int]]:
+        found = sorted(folder.glob("*recovery*"))
+        return [(p.name, int(load_file(str(p))["position"]["step"])) for p in found]
+
+    save = engine.save_checkpoint
+
+    def save_and_look(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        seen.append((os.path.basename(path), recovery_files()))
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_and_look)
+    args = main_args(data, out, opts=("SAVE_STEPS", "2"))[1:]
+    assert main.main([str(a) for a in args]) == 0
+    # Steps 2 and 4 write the recovery checkpoint, each replacing the last; step 6 ends the epoch, whose own
+    # checkpoint follows (and then the recovery checkpoint, older, is removed).
+    assert seen == [
+        (RECOVERY_FILE, [(RECOVERY_FILE, 2)]),
+        (RECOVERY_FILE, [(RECOVERY_FILE, 4)]),
+        ("ckpt_epoch_0.pth", [(RECOVERY_FILE, 4)]),
+    ]
+    assert recovery_files() == [] and not list(folder.glob(".tmp-*"))
 
 
 @pytest.mark.slow
@@ -309,18 +349,41 @@ def test_the_number_of_loader_workers_does_not_change_training(data, tmp_path):
     assert prints[0] == prints[1]
 
 
+# ``python RECORD_STATUS FOLDER main.py ARGS`` runs ``python main.py ARGS`` and writes the status it exits with to
+# FOLDER/status_rank<RANK>: torchrun stopped by a signal stops its processes without reporting their status.
+RECORD_STATUS = """
+import os, runpy, sys
+folder, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    with open(os.path.join(folder, "status_rank" + os.environ["RANK"]), "w") as f:
+        f.write(str(e.code))
+    raise
+"""
+
+
 @pytest.mark.slow
 def test_every_rank_stops_after_the_same_step_and_continues_exactly(tmp_path_factory, tmp_path):
     data = write_image_folder(tmp_path_factory.mktemp("signals2") / "data", n_train=16, n_val=2)
     opts = ("TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "MODEL.DROP_PATH_RATE", "0.1")
     reference = tmp_path / "reference"
     check(run([*launcher("torch.distributed.run"), *main_args(data, reference, opts=opts)]))
-    out = tmp_path / "stopped"
-    cmd = [*launcher("torch.distributed.run"), *main_args(data, out, opts=opts)]
+    out, statuses = tmp_path / "stopped", tmp_path / "statuses"
+    statuses.mkdir()
+    (tmp_path / "record_status.py").write_text(RECORD_STATUS)
+    cmd = [*launcher("torch.distributed.run"), str(tmp_path / "record_status.py"), str(statuses)]
+    cmd += main_args(data, out, opts=opts)
     proc = _start(cmd)
     _wait_for(out / "dfvt_tiny" / "t" / "log_rank0.txt", re.compile(r"Train: \[1/2\]\[2/6\]"), proc)
     proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its processes
     output, _ = proc.communicate(timeout=240)
+    # Every process exits 128 + SIGTERM, as one killed by it would. torchrun itself, stopped by the signal, ends with
+    # its own error (status 1 in torch 2.x: its SignalException), never as a success.
+    exits = {rank: (statuses / f"status_rank{rank}").read_text() for rank in (0, 1)}
+    assert exits == {0: str(128 + signal.SIGTERM), 1: str(128 + signal.SIGTERM)}, output[-3000:]
+    assert proc.returncode != 0, output[-3000:]
     steps = [re.findall(r"stopped by SIGTERM at epoch 1, step (\d)/6", log_of(out, rank)) for rank in (0, 1)]
     assert steps[0] == steps[1] and len(steps[0]) == 1 and int(steps[0][0]) < 6, output[-3000:]
     assert "Traceback" not in log_of(out, 0) + log_of(out, 1)

@@ -6,15 +6,31 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from config import load_config
 from data.unreadable import SkipUnreadable, UnreadableImage, check_unreadable
 from errors import CheckpointError, ConfigError, DataError, DFvTError
-from tests.helpers import FINGERPRINT, check, launcher, log_of, main_args, run, write_image_folder
+from tests.helpers import (
+    FINGERPRINT,
+    ROOT,
+    check,
+    clean_env,
+    config_path,
+    launcher,
+    log_of,
+    main_args,
+    run,
+    write_image_folder,
+)
 
 
 def message(i: int) -> str:
@@ -259,10 +275,75 @@ def test_every_rank_ends_in_one_line_when_one_rank_meets_a_bad_image(tmp_path):
     bad = data / "train" / "b" / "1.jpg"
     bad.write_bytes(bad.read_bytes()[:100])
     out = tmp_path / "out"
-    run([*launcher("torch.distributed.run"), *main_args(data, out, opts=("DATA.NUM_WORKERS", "1"))], timeout=200)
+    proc = run([*launcher("torch.distributed.run"), *main_args(data, out, opts=("DATA.NUM_WORKERS", "1"))], timeout=200)
+    # torchrun exits 1 when a process fails (its ChildFailedError), and reports the status of each process it saw
+    # end: the first to end (the root cause) exits 2, as a user error does; one still running then is stopped by
+    # torchrun's own SIGTERM (-15), which it says it sends.
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = proc.stderr[proc.stderr.rindex("Failures:") :]
+    statuses = [int(code) for code in re.findall(r"exitcode\s*: (-?\d+)", report)]
+    root = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", report, re.S)
+    assert root is not None and int(root.group(1)) == 2, report
+    assert set(statuses) <= {2, -signal.SIGTERM} and 1 <= len(statuses) <= 2, report
+    if -signal.SIGTERM in statuses:
+        assert re.search(r"Sending process \d+ closing signal SIGTERM", proc.stderr), proc.stderr[-3000:]
     lines = [[line for line in log_of(out, rank).splitlines() if " ERROR " in line] for rank in (0, 1)]
     assert all(len(found) == 1 for found in lines), lines
     reader = 0 if str(bad) in lines[0][0] else 1  # the rank whose shard holds the file names it; the other says why
     assert f"DataError: cannot read image {bad}" in lines[reader][0]
     assert "another process of this run stopped" in lines[1 - reader][0] and "log_rank<R>.txt" in lines[1 - reader][0]
     assert "Traceback" not in log_of(out, 0) + log_of(out, 1)
+
+
+def _report_lines(log: str) -> list[str]:
+    """The lines of epoch 0's unreadable-image report (each file replaced, then the count), timestamps aside."""
+    return re.findall(r"EPOCH 0: (?:unreadable training image replaced by|\d+ unreadable of).*", log)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_with_skipping_on_continues_exactly_and_reports_the_whole_epoch(tmp_path):
+    # 210 training images: 26 steps of 8. Two unreadable (2 of the 208 drawn, under 1 %): one drawn before the stop,
+    # the other after it, neither the other's replacement candidate (so each process meets only its own).
+    data = write_image_folder(tmp_path / "data", n_train=70, n_val=1, size=(36, 36))
+    files = sorted((data / "train").glob("*/*.jpg"))  # the dataset's order: classes, then file names
+    seed = load_config(config_path("tiny"), []).SEED
+    order = DistributedSampler(range(len(files)), num_replicas=1, rank=0, shuffle=True, seed=seed)  # data/build.py's
+    position = {index: at for at, index in enumerate(order)}  # where epoch 0 draws each image
+    early = next(i for i in range(len(files)) if position[i] < 40)  # in the first 5 steps
+    late = next(i for i in range(len(files)) if 160 <= position[i] < 208 and abs(i - early) > 1)  # in the last 6
+    bad = sorted([early, late])
+    for i in bad:
+        files[i].write_bytes(files[i].read_bytes()[:100])
+    opts = ("DATA.SKIP_UNREADABLE", "True", "DATA.NUM_WORKERS", "1", "MODEL.DROP_PATH_RATE", "0.1")
+    reference = tmp_path / "whole"
+    check(run([sys.executable, *main_args(data, reference, batch=8, opts=opts)]))
+    expected = _report_lines(log_of(reference))
+    assert len(expected) == 3 and str(files[bad[0]]) in expected[0] and str(files[bad[1]]) in expected[1], expected
+    assert expected[2] == "EPOCH 0: 2 unreadable of 208 training images drawn (all processes)"
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, *main_args(data, out, batch=8, opts=opts)]
+    with open(tmp_path / "stopped.txt", "w+") as output:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=output, stderr=subprocess.STDOUT)
+        log, deadline = out / "dfvt_tiny" / "t" / "log_rank0.txt", time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and "Train: [0/1][6/26]" in log.read_text():
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=240)
+        output.seek(0)
+        text = output.read()
+    # Stopped mid-epoch (one unreadable image met so far, 2 % of those drawn: the 1 % rule waits for the epoch's end).
+    assert proc.returncode == 128 + signal.SIGUSR1, text[-3000:]
+    step = int(re.search(r"stopped by SIGUSR1 at epoch 0, step (\d+)/26", text).group(1))
+    assert position[early] < step * 8 <= position[late], step
+    assert _report_lines(text)[-1] == f"EPOCH 0: 1 unreadable of {step * 8} training images drawn (all processes)"
+
+    check(run(cmd))
+    log = log_of(out)
+    rerun = log[log.rindex("Resuming from") :]
+    assert f"continuing at epoch 0, step {step}" in rerun
+    assert FINGERPRINT.search(rerun).group(1) == FINGERPRINT.search(log_of(reference)).group(1)
+    # The epoch's report after the resume is the uninterrupted one: both files, counted over the whole epoch.
+    assert _report_lines(rerun) == expected
