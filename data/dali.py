@@ -6,19 +6,24 @@ The order of the images is the torch loader's own: each epoch's batches are cut 
 (``DistributedSampler`` shuffled by ``SEED + epoch``, sharded by rank, ``drop_last`` for training; every validation
 image exactly once across processes), and a run continued mid-epoch starts at the same batch. The files are read in
 Python (cheap) and decoded by DALI; a new DALI pipeline, seeded from ``(SEED, epoch, rank)``, runs each epoch.
-The augmentation is DALI's, not bit-for-bit timm's (see the README's list of differences).
+RandAugment is timm's, rebuilt from DALI's auto-augment blocks; the augmentation is still not timm's bit for bit (see
+the README's list of differences).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
 from torch.utils.data import Dataset, Sampler
 from yacs.config import CfgNode
 
@@ -50,7 +55,7 @@ def import_dali() -> Any:
     try:
         with _without_dali_deprecations():
             import nvidia.dali
-            import nvidia.dali.auto_aug.rand_augment  # noqa: F401 (loaded here, used by the training pipeline)
+            import nvidia.dali.auto_aug.augmentations  # noqa: F401 (loaded here, used by the training pipeline)
             import nvidia.dali.fn  # noqa: F401
     except ImportError as e:
         raise ConfigError(
@@ -60,26 +65,301 @@ def import_dali() -> Any:
     return nvidia.dali
 
 
-def rand_augment_settings(policy: str) -> tuple[int, int] | None:
-    """``(n, m)`` of a timm ``rand-...`` policy (``rand-m9-mstd0.5-inc1``: 2 ops of magnitude 9), None for ``none``;
-    other policy families have no DALI counterpart here (a :class:`ConfigError`)."""
+# timm's RandAugment (``timm.data.auto_augment``), rebuilt from DALI's public auto-augment blocks. timm's magnitude m
+# means the fraction m / 10 of each op's range (its ``_LEVEL_DENOM``); DALI's own ``rand_augment`` would read m as a
+# bin of 31 (m9: 9/30 of the range). Here a magnitude is a bin of LEVEL_STEPS per unit (m9: bin 900 of 0..1000), and
+# a magnitude drawn with ``mstd`` noise lands on the nearest bin.
+LEVEL_DENOM = 10  # timm's _LEVEL_DENOM
+LEVEL_STEPS = 100  # magnitude bins per unit of timm's magnitude (a 0.01 grid)
+FILL = tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)  # timm's img_mean: (124, 116, 104)
+
+# timm's _RAND_TRANSFORMS, in its order; with inc1 (_RAND_INCREASING_TRANSFORMS) the ops of _INCREASING get the
+# "Increasing" variant, whose strength grows with the magnitude.
+_RAND_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+_INCREASING = ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness")
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+_SIGNED = _GEOMETRIC + tuple(f"{n}Increasing" for n in _INCREASING)  # the ops whose argument timm randomly negates
+
+
+@dataclass(frozen=True)
+class RandAugmentPolicy:
+    """A timm ``rand-...`` policy: ``n`` ops an image, each drawn uniformly (with replacement) from :attr:`ops` and
+    applied with probability ``p``, at magnitude ``m`` (or, with ``mstd`` > 0, a magnitude drawn per op from
+    normal(m, mstd); ``inf``: uniform in [0, m]) clipped to [0, mmax or 10]; ``increasing``: timm's ``inc1``."""
+
+    n: int = 2
+    m: int = 10
+    mstd: float = 0.0
+    mmax: int | None = None
+    increasing: bool = False
+    p: float = 0.5
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """timm's op names for the policy (``_RAND_INCREASING_TRANSFORMS`` with inc1, else ``_RAND_TRANSFORMS``)."""
+        return tuple(f"{n}Increasing" if self.increasing and n in _INCREASING else n for n in _RAND_OPS)
+
+    @property
+    def upper(self) -> int:
+        """The largest magnitude (timm's ``magnitude_max or _LEVEL_DENOM``)."""
+        return self.mmax or LEVEL_DENOM
+
+    @property
+    def num_bins(self) -> int:
+        return self.upper * LEVEL_STEPS + 1
+
+
+def rand_augment_settings(policy: str) -> RandAugmentPolicy | None:
+    """The :class:`RandAugmentPolicy` of a timm ``rand-...`` string (``rand-m9-mstd0.5-inc1``: 2 ops of magnitude 9
+    with noise 0.5, the increasing op set), parsed as timm's ``rand_augment_transform`` parses it; None for
+    ``none``. Other policy families and timm's other op sets (``t...``) have no DALI counterpart here (a one-line
+    :class:`ConfigError`)."""
     text = policy.strip().lower()
     if text in ("", "none"):
         return None
     parts = text.split("-")
+    use = "use a rand- policy with timm's default op set, none, or DATA.LOADER torch"
     if parts[0] != "rand":
-        raise ConfigError(
-            f"AUG.AUTO_AUGMENT {policy!r}: DATA.LOADER dali runs RandAugment (rand-...) only; use a rand- policy, "
-            f"none, or DATA.LOADER torch."
-        )
-    n, m = 2, 10
+        raise ConfigError(f"AUG.AUTO_AUGMENT {policy!r}: DATA.LOADER dali runs RandAugment (rand-...) only; {use}.")
+    fields: dict[str, Any] = {}
     for part in parts[1:]:
-        if match := re.fullmatch(r"([a-z]+)([\d.]+)", part):
-            if match[1] == "m":
-                m = int(float(match[2]))
-            elif match[1] == "n":
-                n = int(match[2])
-    return n, m
+        if part.startswith("t"):
+            raise ConfigError(
+                f"AUG.AUTO_AUGMENT {policy!r}: DATA.LOADER dali runs timm's default RandAugment op sets (inc0/inc1) "
+                f"only, not the {part!r} op set; {use}."
+            )
+        if (match := re.fullmatch(r"(\D*)(\d.*)", part)) is None:  # timm skips a section without a number
+            continue
+        key, value = match.groups()
+        try:
+            if key == "mstd":
+                fields["mstd"] = float("inf") if float(value) > 100 else float(value)  # timm: > 100 means uniform
+            elif key in ("m", "n", "mmax"):
+                fields[key] = int(value)
+            elif key == "inc":
+                fields["increasing"] = bool(int(value))
+            elif key == "p":
+                fields["p"] = float(value)
+            else:
+                raise ValueError(f"unknown section {part!r}")
+        except ValueError as e:
+            raise ConfigError(f"AUG.AUTO_AUGMENT {policy!r}: not a timm RandAugment policy ({e}).") from None
+    settings = RandAugmentPolicy(**fields)
+    if not 0.0 <= settings.p <= 1.0:
+        raise ConfigError(f"AUG.AUTO_AUGMENT {policy!r}: the probability p of each op must lie in [0, 1].")
+    return settings
+
+
+def timm_op_arg(name: str, level: float, negate: bool = False) -> float | int | None:
+    """The argument timm's RandAugment op ``name`` gets at magnitude ``level`` (already clipped), computed as its
+    ``_*_level_to_arg`` computes it; ``negate``: the sign timm's ``_randomly_negate`` drew (ignored by unsigned ops).
+    Degrees for Rotate, the shear factor, the fraction of the side for TranslateX/YRel, the enhance factor, the bits
+    Posterize keeps, Solarize's threshold, SolarizeAdd's increment; None for AutoContrast, Equalize, Invert."""
+    frac = level / LEVEL_DENOM
+    sign = -1 if negate and name in _SIGNED else 1
+    base = name.removesuffix("Increasing")
+    if name == "Rotate":
+        return sign * (frac * 30.0)
+    if name in ("ShearX", "ShearY"):
+        return sign * (frac * 0.3)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * (frac * 0.45)  # timm's translate_pct default
+    if base in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return max(0.1, 1.0 + sign * (frac * 0.9)) if name != base else frac * 1.8 + 0.1
+    if base == "Posterize":
+        return 4 - int(frac * 4) if name != base else int(frac * 4)
+    if base == "Solarize":
+        threshold = min(256, int(frac * 256))
+        return 256 - threshold if name != base else threshold
+    if name == "SolarizeAdd":
+        return min(128, int(frac * 110))
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return None
+    raise ValueError(f"not a timm RandAugment op: {name}")
+
+
+def _affine(name: str, arg: float, height: int, width: int) -> np.ndarray:
+    """The destination-to-source matrix of a geometric op, as Pillow's ``Image.transform`` data that timm passes
+    (for Rotate: Pillow's ``rotate``, counter-clockwise by ``arg`` degrees about the image's centre)."""
+    if name == "Rotate":
+        t = math.radians(arg)
+        cos, sin = math.cos(t), math.sin(t)
+        cx, cy = width / 2.0, height / 2.0
+        rows = [[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]]
+    else:
+        rows = {
+            "ShearX": [[1, arg, 0], [0, 1, 0]],
+            "ShearY": [[1, 0, 0], [arg, 1, 0]],
+            "TranslateXRel": [[1, 0, arg * width], [0, 1, 0]],
+            "TranslateYRel": [[1, 0, 0], [0, 1, arg * height]],
+        }[name]
+    return np.array(rows, dtype=np.float32)
+
+
+def _posterize_mask(bits: int) -> np.ndarray:
+    """The AND mask keeping the top ``bits`` bits (0 or fewer: a black image, as timm's Pillow op gives)."""
+    return np.uint8(255 if bits >= 8 else ~(2 ** (8 - bits) - 1) & 255)
+
+
+def _sharpness_kernel(factor: float) -> np.ndarray:
+    """Pillow's ``ImageEnhance.Sharpness``: a blend of its SMOOTH filter and the image, as one 3x3 kernel."""
+    smooth = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float64) / 13
+    identity = np.zeros((3, 3))
+    identity[1, 1] = 1
+    return (factor * identity + (1 - factor) * smooth).astype(np.float32)
+
+
+@functools.cache
+def op_param(name: str, height: int, width: int, signed_bin: int) -> np.ndarray:
+    """What DALI's op ``name`` is given at ``signed_bin`` (magnitude ``|signed_bin| / LEVEL_STEPS``; negative where
+    timm's random sign drew a minus), for ``height x width`` images: timm's argument (:func:`timm_op_arg`) in the
+    form the DALI op takes — a destination-to-source affine matrix, an enhance factor, a 3x3 sharpness kernel, a
+    posterize mask, a threshold, an increment."""
+    arg = timm_op_arg(name, abs(int(signed_bin)) / LEVEL_STEPS, negate=signed_bin < 0)
+    if name in _GEOMETRIC:
+        return _affine(name, arg, height, width)
+    convert = {
+        "Sharpness": _sharpness_kernel,
+        "Posterize": _posterize_mask,
+        "Solarize": np.int32,
+        "SolarizeAdd": np.uint8,  # DALI adds it to uint8 pixels below 128: no overflow up to 128
+    }.get(name.removesuffix("Increasing"), np.float32)
+    return np.asarray(convert(arg))
+
+
+@functools.cache
+def _param_table(name: str, height: int, width: int, signed_bins: tuple[int, ...]) -> np.ndarray:
+    return np.stack([op_param(name, height, width, signed_bin) for signed_bin in signed_bins])
+
+
+def signed_bins(policy: RandAugmentPolicy) -> tuple[int, ...]:
+    """The signed magnitude bins that :func:`rand_augment`'s per-image index picks from: ``(k, -k)`` for a fixed
+    magnitude bin k (the index is the sign), else ``(0, -0, 1, -1, ..., top, -top)`` (the index is 2 * bin + sign)."""
+    if policy.mstd == 0:
+        k = min(policy.m, policy.upper) * LEVEL_STEPS
+        return k, -k
+    return tuple(t for k in range(policy.num_bins) for t in (k, -k))
+
+
+def rand_augment_ops(policy: RandAugmentPolicy, height: int, width: int, fill=FILL, names=None) -> list:
+    """DALI augmentations (``nvidia.dali.auto_aug.core.augmentation``) of ``policy.ops`` (or ``names``), in that
+    order, each named as timm names it, for ``height x width`` images. Called with ``index`` (a per-image index into
+    ``bins``, a tuple of signed magnitude bins: :func:`signed_bins`), an op uses the parameter timm's op gets at
+    that magnitude and sign (:func:`op_param`). Rotate, shear and translate resample bilinearly with Pillow's geometry
+    and fill the pixels whose source lies outside the image with the per-channel ``fill`` (timm's mean pixel);
+    Sharpness keeps the one-pixel border as Pillow does; the other ops are DALI's own blocks. Pure Python (no DALI
+    operator runs until the ops are called): build them once, outside the pipeline definition.
+
+    The parameters come from a table indexed per image rather than through DALI's ``mag_range`` machinery, which
+    converts a Python call per bin under AutoGraph when the pipeline is traced (seconds an epoch for 101 bins)."""
+    dali = import_dali()
+    fn, types = dali.fn, dali.types
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.auto_aug.core import augmentation
+    from nvidia.dali.pipeline import do_not_convert
+
+    table = do_not_convert(_param_table)  # plain Python, called while the pipeline is traced
+    fill = np.array(fill, np.uint8)
+
+    def warp(data, matrix):
+        # Pillow's bilinear transform: taps clamped to the image, and the fill wherever the sampled point itself is
+        # outside it. DALI's warp_affine fills with one value, so the fill is pasted where a nearest-neighbour warp
+        # of an all-ones plane (filled with 0) says "outside".
+        warped = fn.warp_affine(data, matrix=matrix, interp_type=types.INTERP_LINEAR, inverse_map=True)
+        one = types.Constant(1, dtype=types.UINT8)
+        ones = data[:, :, 0:1] * types.Constant(0, dtype=types.UINT8) + one
+        inside = fn.warp_affine(ones, matrix=matrix, fill_value=0, interp_type=types.INTERP_NN, inverse_map=True)
+        return warped * inside + types.Constant(fill, device=data.device) * (one - inside)
+
+    def sharpen(data, kernel):
+        # Pillow's Sharpness filters the inner pixels only and keeps the one-pixel border as it was.
+        inner = fn.filter(data, kernel, mode="valid")
+        middle = fn.cat(data[1:-1, 0:1], inner, data[1:-1, -1:], axis=1)
+        return fn.cat(data[0:1], middle, data[-1:], axis=0)
+
+    # The op taking timm's parameter, and where the parameters live: None for the images' device (operands of
+    # arithmetic or of the filter), "cpu" for operator arguments (as DALI's own blocks keep them).
+    appliers = {
+        "Posterize": (a.posterize.op, None),
+        "Solarize": (a.solarize.op, None),
+        "SolarizeAdd": (a.solarize_add.op, None),
+        "Color": (a.color.op, "cpu"),
+        "Contrast": (a.contrast.op, "cpu"),
+        "Brightness": (a.brightness.op, "cpu"),
+        "Sharpness": (sharpen, None),
+        **dict.fromkeys(_GEOMETRIC, (warp, "cpu")),
+    }
+    fixed = {"AutoContrast": a.auto_contrast, "Equalize": a.equalize, "Invert": a.invert}
+
+    def make(name: str):
+        if name in fixed:
+            return fixed[name].augmentation(name=name)
+        apply, where = appliers[name.removesuffix("Increasing")]
+
+        def op(data, _, index, bins):
+            params = types.Constant(table(name, height, width, bins), device=where or data.device)
+            return apply(data, params[index])
+
+        return augmentation(op, name=name)
+
+    return [make(name) for name in (policy.ops if names is None else names)]
+
+
+def rand_augment_draws(policy: RandAugmentPolicy, num_ops: int):
+    """Per image, for each of the ``policy.n`` layers: the op's index in ``range(num_ops)`` — uniform, drawn
+    independently for each layer (timm: ``np.random.choice`` with replacement), replaced by ``num_ops`` (no op) with
+    probability ``1 - p`` — and the index into :func:`signed_bins`: the sign (timm's ``_randomly_negate``: minus
+    with probability 1/2), plus, with magnitude noise, twice the magnitude bin (normal(m, mstd) or, for an infinite
+    mstd, uniform in [0, m], clipped to [0, upper], rounded to the nearest bin)."""
+    dali = import_dali()
+    fn, types = dali.fn, dali.types
+    from nvidia.dali import math as dmath
+
+    shape = (policy.n,)
+    op = fn.random.uniform(values=list(range(num_ops)), shape=shape, dtype=types.INT32)
+    if policy.p < 1:
+        applied = fn.random.coin_flip(probability=policy.p, shape=shape, dtype=types.INT32)
+        op = op * applied + num_ops * (1 - applied)
+    sign = fn.random.coin_flip(probability=0.5, shape=shape, dtype=types.INT32)
+    if policy.mstd == 0:
+        return op, sign
+    if math.isinf(policy.mstd):
+        level = fn.random.uniform(range=[0.0, float(policy.m)], shape=shape)
+    else:
+        level = fn.random.normal(mean=float(policy.m), stddev=policy.mstd, shape=shape)
+    level = dmath.clamp(level, 0.0, float(policy.upper))
+    return op, fn.cast(dmath.floor(level * LEVEL_STEPS + 0.5), dtype=types.INT32) * 2 + sign
+
+
+def rand_augment(images, policy: RandAugmentPolicy, ops: list):
+    """timm's RandAugment on a DALI batch of uint8 ``HWC`` images: ``policy.n`` layers, each applying one of ``ops``
+    (:func:`rand_augment_ops`) or, with probability ``1 - p``, none. The pipeline needs ``enable_conditionals``."""
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.auto_aug.core import select
+
+    if policy.n == 0:
+        return images
+    op, index = rand_augment_draws(policy, len(ops))
+    choices, bins = [*ops, a.identity], signed_bins(policy)
+    for layer in range(policy.n):
+        images = select(choices, op[layer], images, index=index[layer], bins=bins)
+    return images
 
 
 def _read(dataset: Dataset, index: int) -> np.ndarray:
@@ -190,13 +470,13 @@ def _pipeline_factory(config: CfgNode, train: bool, device: torch.device, thread
     """``build(epoch, source)`` for the training or the evaluation pipeline of ``config``."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
-    from nvidia.dali.auto_aug import rand_augment
 
     size = config.DATA.IMG_SIZE
     on_gpu = device.type == "cuda"
     decoder = "mixed" if on_gpu else "cpu"
     cubic = types.INTERP_CUBIC if config.DATA.INTERPOLATION == "bicubic" else types.INTERP_LINEAR
     augment = rand_augment_settings(config.AUG.AUTO_AUGMENT) if train else None
+    augment_ops = rand_augment_ops(augment, size, size) if augment is not None else []
     jitter = config.AUG.COLOR_JITTER if train and augment is None else 0.0  # timm: colour jitter without RandAugment
     scale_size = eval_resize_side(config)
 
@@ -232,7 +512,7 @@ def _pipeline_factory(config: CfgNode, train: bool, device: torch.device, thread
                 images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=config.AUG.HFLIP))
                 if augment is not None:
-                    images = rand_augment.rand_augment(images, n=augment[0], m=augment[1], shape=[size, size])
+                    images = rand_augment(images, augment, augment_ops)
                 elif jitter > 0:  # torchvision's ColorJitter(j, j, j): each factor uniform in [max(0, 1 - j), 1 + j]
                     factor = [max(0.0, 1.0 - jitter), 1.0 + jitter]
                     images = fn.color_twist(

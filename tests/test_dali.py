@@ -1,8 +1,10 @@
-"""DATA.LOADER dali in DALI's CPU-only mode: batches, labels, shards, agreement with the torch loader, the missing
-package. (The GPU mode runs in benchmarks/gpu_check.sh.)"""
+"""DATA.LOADER dali in DALI's CPU-only mode: batches, labels, shards, agreement with the torch loader, timm's
+RandAugment rebuilt in DALI, the missing package. (The GPU mode runs in benchmarks/gpu_check.sh.)"""
 
 from __future__ import annotations
 
+import math
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -15,10 +17,16 @@ from PIL import Image
 from config import load_config
 from data import build_loader
 from data.dali import (
+    LEVEL_STEPS,
     DaliLoader,
+    RandAugmentPolicy,
     _without_dali_deprecations,
     centre_crop_geometry,
     import_dali,
+    op_param,
+    rand_augment,
+    rand_augment_draws,
+    rand_augment_ops,
     rand_augment_settings,
 )
 from errors import ConfigError, DataError
@@ -64,13 +72,205 @@ def test_centre_crop_geometry_is_torchvision_s():
 
 
 def test_policy_settings():
-    assert rand_augment_settings("rand-m9-mstd0.5-inc1") == (2, 9)
-    assert rand_augment_settings("rand-n3-m15") == (3, 15)
+    assert rand_augment_settings("rand-m9-mstd0.5-inc1") == RandAugmentPolicy(n=2, m=9, mstd=0.5, increasing=True)
+    assert rand_augment_settings("rand-n3-m15") == RandAugmentPolicy(n=3, m=15)
+    assert rand_augment_settings("rand-m9-mstd101").mstd == math.inf  # timm: mstd > 100 samples uniformly in [0, m]
     assert rand_augment_settings("none") is None
     with pytest.raises(ConfigError, match="RandAugment"):
         rand_augment_settings("augmix-m5")
+    with pytest.raises(ConfigError, match="default RandAugment op sets"):
+        rand_augment_settings("rand-m9-tweights")  # timm's weighted op choice (without replacement): not here
+    with pytest.raises(ConfigError, match="not a timm RandAugment policy"):
+        rand_augment_settings("rand-m9-x3")  # timm asserts on an unknown section
     with pytest.raises(ConfigError, match="DATA.LOADER dali runs RandAugment"):
         cfg(Path("."), "DATA.LOADER", "dali", "AUG.AUTO_AUGMENT", "original")
+
+
+@pytest.mark.parametrize(
+    "policy", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-n3-m15", "rand-m7-mstd101-p0.3", "rand-n1-m5-mmax15"]
+)
+def test_policy_reads_as_timm_reads_it(policy):
+    """The truth is timm's own parse: its RandAugment's layers, op names and order, magnitude, noise, bound, p."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    timm_ra = rand_augment_transform(policy, {})
+    ours = rand_augment_settings(policy)
+    assert ours.n == timm_ra.num_layers and timm_ra.choice_weights is None  # uniform, with replacement
+    assert ours.ops == tuple(op.name for op in timm_ra.ops)
+    assert [op.name for op in rand_augment_ops(ours, 32, 32)] == list(ours.ops)
+    for op in timm_ra.ops:
+        assert (op.magnitude, op.magnitude_std, op.prob) == (ours.m, ours.mstd, ours.p)
+        assert (op.magnitude_max or 10) == ours.upper
+
+
+def timm_arg(name: str, level: float, negate: bool):
+    """timm's own argument for op ``name`` at ``level``, its random sign forced (``_randomly_negate`` negates when
+    ``random.random() > 0.5``)."""
+    from timm.data import auto_augment as ta
+
+    real = random.random
+    random.random = (lambda: 1.0) if negate else (lambda: 0.0)
+    try:
+        level_fn = ta.LEVEL_TO_ARG[name]
+        return level_fn(level, {}) if level_fn is not None else ()
+    finally:
+        random.random = real
+
+
+def dali_arg(name: str, param: np.ndarray, height: int, width: int) -> tuple:
+    """Read timm's argument back from the parameter DALI's op gets (a hand inverse of each op's parameter form)."""
+    base = name.removesuffix("Increasing")
+    if name == "Rotate":  # a rotation about the centre: the centre stays put
+        centre = np.array([width / 2, height / 2])
+        assert np.allclose(param[:, :2] @ centre + param[:, 2], centre, atol=1e-4)
+        return (math.degrees(math.atan2(param[1, 0], param[0, 0])),)
+    if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+        return (
+            {
+                "ShearX": param[0, 1],
+                "ShearY": param[1, 0],
+                "TranslateXRel": param[0, 2] / width,
+                "TranslateYRel": param[1, 2] / height,
+            }[name].item(),
+        )
+    if base == "Sharpness":  # factor * identity + (1 - factor) * Pillow's SMOOTH kernel (1 1 1 / 1 5 1 / 1 1 1) / 13
+        return (1 - 13 * param[0, 0].item(),)
+    if base == "Posterize":  # the AND mask keeping the top bits
+        bits = bin(int(param)).count("1")
+        assert int(param) == (255 << (8 - bits)) & 255
+        return (bits,)
+    return (param.item(),)
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_each_op_s_parameter_is_timm_s_at_its_magnitude(increasing):
+    """m9 means 9/10 of each op's range as in timm (Rotate 27 degrees, not DALI's 9/30 of 30), at both signs, and a
+    noisy magnitude (3.75, 10) too; the truth is timm's LEVEL_TO_ARG."""
+    height, width = 40, 56
+    for name in RandAugmentPolicy(increasing=increasing).ops:
+        for level in (9, 3.75, 10, 0):
+            for negate in (False, True):
+                expected = timm_arg(name, level, negate)
+                if not expected:
+                    assert name in ("AutoContrast", "Equalize", "Invert")
+                    continue
+                signed_bin = round(level * LEVEL_STEPS) * (-1 if negate else 1)
+                got = dali_arg(name, op_param(name, height, width, signed_bin), height, width)
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-4), (name, level, negate)
+    assert timm_arg("Rotate", 9, False) == (27.0,)  # the recipe's magnitude, by hand
+
+
+def pipeline_of(images, outputs, batch_size=None, seed=7):
+    """Run one batch of a DALI CPU pipeline over ``images`` (HWC uint8; None: no input), returning numpy arrays."""
+    dali = import_dali()
+
+    @dali.pipeline_def(
+        batch_size=batch_size or len(images), num_threads=1, device_id=None, seed=seed, enable_conditionals=True
+    )
+    def pipe():
+        data = dali.fn.external_source(source=lambda: images, batch=True, layout="HWC") if images else None
+        return outputs(data)
+
+    with _without_dali_deprecations():
+        p = pipe()
+        p.build()
+        return [np.array(out.as_tensor()) for out in p.run()]
+
+
+def test_ops_give_timm_s_pillow_pixels():
+    """Each op, at magnitude 7.3 and either sign, on non-square smooth images, against timm's own Pillow op with the
+    recipe's fill (the mean pixel, 124 116 104 from ImageNet's mean) and bilinear resampling: the geometry (sign,
+    centre, fill, border) and the levels agree to within rounding; Equalize is DALI's (OpenCV's formula)."""
+    from PIL import ImageFilter
+    from timm.data.auto_augment import NAME_TO_OP
+
+    height, width, level = 40, 56, 7.3
+    rng = np.random.default_rng(0)
+    images = [
+        np.array(
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).filter(
+                ImageFilter.GaussianBlur(radius)
+            )
+        )
+        for radius in (1, 2)
+    ]
+    names = sorted(set(RandAugmentPolicy(increasing=True).ops + RandAugmentPolicy().ops))
+    policy = RandAugmentPolicy()
+    ops = rand_augment_ops(policy, height, width, names=names)
+    k = round(level * LEVEL_STEPS)
+    types = import_dali().types
+    outputs = pipeline_of(
+        images,
+        lambda x: tuple(op(x, index=types.Constant(np.int32(negate)), bins=(k, -k)) for op in ops for negate in (0, 1)),
+    )
+    for i, (name, negate) in enumerate((name, negate) for name in names for negate in (0, 1)):
+        for image, got in zip(images, outputs[i], strict=True):
+            ref = NAME_TO_OP[name](
+                Image.fromarray(image),
+                *timm_arg(name, level, bool(negate)),
+                fillcolor=(124, 116, 104),
+                resample=Image.BILINEAR,
+            )
+            gap = np.abs(np.asarray(ref, dtype=int) - got.astype(int))
+            assert got.shape == image.shape and got.dtype == np.uint8
+            if name == "Equalize":
+                assert gap.mean() < 12, (name, gap.mean())
+            else:
+                assert gap.max() <= 2 and gap.mean() < 0.8, (name, negate, gap.max(), gap.mean())
+
+
+def test_rotate_at_m9_turns_27_degrees():
+    """The whole RandAugment path (draws, selection, op) with Rotate only, applied always, at m9 without noise: each
+    image is Pillow's rotation by +27 or -27 degrees, far from the 9 degrees DALI's own rand_augment gives."""
+    size = 40
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.stack([xx * 6, yy * 6, (xx + yy) * 3], axis=-1).astype(np.uint8)  # gradients: a turn shows
+    policy = RandAugmentPolicy(n=1, m=9, p=1.0)
+    ops = rand_augment_ops(policy, size, size, names=["Rotate"])
+    (out,) = pipeline_of([image] * 8, lambda x: (rand_augment(x, policy, ops),))
+
+    def gap(got, degrees):
+        ref = Image.fromarray(image).rotate(degrees, resample=Image.BILINEAR, fillcolor=(124, 116, 104))
+        return np.abs(np.asarray(ref, dtype=float) - got).mean()
+
+    signs = []
+    for got in out:
+        by27 = {sign: gap(got, sign * 27) for sign in (1, -1)}
+        sign = min(by27, key=by27.get)
+        signs.append(sign)
+        assert by27[sign] < 0.6 and min(gap(got, 9), gap(got, -9)) > 10 * by27[sign], by27
+    assert set(signs) == {1, -1}  # timm negates at random; seeded, so this holds for this run
+
+
+def test_draws_are_timm_s_choice_probability_and_magnitude_noise():
+    """For rand-m9-mstd0.5-inc1, 4000 images x 2 layers: each layer picks one of the 15 ops uniformly, with
+    replacement, and applies it with probability 1/2 (index 15: none); the sign is + or - evenly; the magnitude is
+    normal(9, 0.5) clipped to [0, 10] (timm: random.gauss, clipped to magnitude_max or 10) on the 0.01 grid."""
+    policy = rand_augment_settings("rand-m9-mstd0.5-inc1")
+    op, index = pipeline_of(None, lambda _: rand_augment_draws(policy, 15), batch_size=4000)
+    assert op.shape == index.shape == (4000, 2)
+    counts = np.bincount(op.ravel(), minlength=16)
+    assert abs(counts[15] - 4000) < 200  # binomial(8000, 1/2): sd 45
+    assert np.all(np.abs(counts[:15] - 8000 / 30) < 80)  # binomial(8000, 1/30): sd 16
+    same = (op[:, 0] == op[:, 1]) & (op[:, 0] < 15)
+    assert 30 < same.sum() < 110  # with replacement: 4000 x 15 / 30^2 = 67 images draw one op twice
+    sign, level = index % 2, (index // 2) / LEVEL_STEPS
+    assert abs(sign.mean() - 0.5) < 0.03
+    clipped = np.clip(np.random.default_rng(0).normal(9, 0.5, 10**6), 0, 10)  # timm's draw, sampled
+    assert abs(level.mean() - clipped.mean()) < 0.03 and abs(level.std() - clipped.std()) < 0.03
+    assert level.max() == 10 and level.min() >= 0 and abs((level == 10).mean() - (clipped == 10).mean()) < 0.01
+
+
+def test_one_op_policy_leaves_half_the_images_unchanged():
+    """rand-n1-m9-mstd0.5-inc1 on 600 noise images (values 40-200, so every op at m ~ 9 changes them): timm applies
+    its one op with probability 1/2, so about half come out unchanged."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(40, 200, (16, 16, 3), dtype=np.uint8) for _ in range(600)]
+    policy = rand_augment_settings("rand-n1-m9-mstd0.5-inc1")
+    ops = rand_augment_ops(policy, 16, 16)
+    (out,) = pipeline_of(images, lambda x: (rand_augment(x, policy, ops),))
+    unchanged = sum(np.array_equal(a, b) for a, b in zip(images, out, strict=True))
+    assert abs(unchanged - 300) < 60, unchanged  # binomial(600, 1/2): sd 12
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
