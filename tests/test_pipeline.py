@@ -29,7 +29,7 @@ from data import (
     resolve_num_workers,
 )
 from data.device import collate_uint8
-from data.transforms import GEOMETRIC_OPS, augment_ops
+from data.transforms import augment_ops
 from errors import ConfigError, DataError
 from tests.helpers import FIXTURES, build, load_fixture_weights
 
@@ -122,9 +122,6 @@ def test_training_transform_follows_timm_on_seeded_draws(photos):
     cfg = config(None, "AUG.REPROB", "0.0")  # random erasing runs on the device (tested below)
     ours = build_uint8_transform(True, cfg)
     upstream = build_transform(True, cfg)
-    for op in augment_ops(upstream):  # the one documented difference: RandAugment's resampling filter
-        if op.name in GEOMETRIC_OPS:
-            op.kwargs["resample"] = Image.BILINEAR
     same, other = [], []
     for seed, path in enumerate(files(photos, "train")[:12]):
         image = read_encoded(path)
@@ -156,15 +153,19 @@ def test_large_jpeg_crops_decode_at_reduced_scale(photos, monkeypatch):
     assert (reduced.float() - full.float()).abs().mean() < 2.0  # grey levels
 
 
-def test_geometric_ops_resample_bilinearly_and_keep_the_policy():
-    ours = build_uint8_transform(True, config()).pil_ops
-    ops = list(augment_ops(ours))
-    upstream = list(augment_ops(build_transform(True, config())))
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_randaugment_is_timms_policy_with_timms_filters(interpolation):
+    """The same 15 ops with the same probability, magnitude, noise and resampling filter as timm's transform: the
+    config's filter where it pins one (bicubic: what upstream's recipe runs), a random choice per call otherwise."""
+    cfg = config(None, "DATA.INTERPOLATION", interpolation)
+    ops = list(augment_ops(build_uint8_transform(True, cfg).pil_ops))
+    upstream = list(augment_ops(build_transform(True, cfg)))
     assert [op.name for op in ops] == [op.name for op in upstream] and len(ops) == 15
     for op, ref in zip(ops, upstream, strict=True):
         assert (op.prob, op.magnitude, op.magnitude_std) == (ref.prob, ref.magnitude, ref.magnitude_std)
-        expected = Image.BILINEAR if op.name in GEOMETRIC_OPS else ref.kwargs["resample"]
-        assert op.kwargs["resample"] == expected
+        assert op.kwargs["resample"] == ref.kwargs["resample"]
+    rotate = next(op for op in ops if op.name == "Rotate").kwargs["resample"]
+    assert rotate == (Image.BICUBIC if interpolation == "bicubic" else (Image.BILINEAR, Image.BICUBIC))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation transform
