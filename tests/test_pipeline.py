@@ -29,7 +29,7 @@ from data import (
     resolve_num_workers,
 )
 from data.device import collate_uint8
-from data.transforms import augment_ops
+from data.transforms import LazyRandAugment, augment_ops
 from errors import ConfigError, DataError
 from tests.helpers import FIXTURES, build, load_fixture_weights
 
@@ -166,6 +166,24 @@ def test_randaugment_is_timms_policy_with_timms_filters(interpolation):
         assert op.kwargs["resample"] == ref.kwargs["resample"]
     rotate = next(op for op in ops if op.name == "Rotate").kwargs["resample"]
     assert rotate == (Image.BICUBIC if interpolation == "bicubic" else (Image.BILINEAR, Image.BICUBIC))
+
+
+def test_lazy_randaugment_is_timms_image_for_image_and_draw_for_draw(photos):
+    """The same images as timm's RandAugment on PIL images for the same seeds, and the random generators left in
+    the same state (so every later draw of the pipeline is timm's too); images no op touched are not converted."""
+    lazy = build_uint8_transform(True, config())._augment
+    assert isinstance(lazy, LazyRandAugment)
+    timm_ra = lazy.augment  # the very RandAugment timm's create_transform built
+    image = build_uint8_transform(False, config())(read_encoded(files(photos, "val")[0]))
+    untouched = 0
+    for seed in range(120):
+        got = seeded(seed, lazy, image)
+        states = random.getstate(), np.random.get_state()[1].copy()
+        expected = torch.from_numpy(np.array(seeded(seed, timm_ra, Image.fromarray(image.permute(1, 2, 0).numpy()))))
+        assert torch.equal(got, expected.permute(2, 0, 1)), seed
+        assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+        untouched += got is image
+    assert 15 < untouched < 50  # timm: each of the 2 ops applies with p 0.5, so about a quarter (30 of 120)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation transform
