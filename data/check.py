@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from errors import DataError
 
-from .images import EncodedImage, decode_rgb_image, read_encoded
+from .images import UNREADABLE_FIX, EncodedImage, decode_rgb_image, read_encoded, unreadable_message
 from .zip_dataset import ZipImageDataset
 
 # How a complete file of these formats ends; a file that does not end so is decoded to be sure (some writers leave
@@ -65,7 +65,7 @@ def check_image(dataset: Dataset, index: int, full: bool) -> str | None:
     except DataError as e:
         return str(e)
     except Exception as e:  # PIL's errors, OSError
-        return f"cannot read image {source}: {e}; remove or replace the file"
+        return unreadable_message(source, e)
     return None
 
 
@@ -84,7 +84,8 @@ def problems_line(split: str, root: Path, count: int, problems: list[str], total
     """One line for a check that found ``total_bad`` unreadable images among ``count`` of ``split`` (``problems``:
     the messages this process has)."""
     more = f" (and {total_bad - min(shown, len(problems))} more)" if total_bad > min(shown, len(problems)) else ""
+    named = " | ".join(p.removesuffix(UNREADABLE_FIX) for p in problems[:shown])  # the fix is said once, below
     return (
-        f"{total_bad} of {count} {split} images under {root} are unreadable: {' | '.join(problems[:shown])}{more}; "
+        f"{total_bad} of {count} {split} images under {root} are unreadable: {named}{more}; "
         f"remove or replace them (main.py ... --check-data reads and names every one)"
     )

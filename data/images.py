@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from errors import DataError
 
@@ -29,8 +29,18 @@ class EncodedImage(NamedTuple):
     source: str
 
 
+UNREADABLE_FIX = "; remove or replace the file"
+
+
+def unreadable_message(source: str, err: Exception) -> str:
+    """The one line for an image that cannot be read: the file, why (PIL's "cannot identify image file <_io...>"
+    as what it means), and the fix."""
+    reason = "not an image file PIL can identify" if isinstance(err, UnidentifiedImageError) else str(err)
+    return f"cannot read image {source}: {reason}{UNREADABLE_FIX}"
+
+
 def _unreadable(source: str, err: Exception) -> DataError:
-    return DataError(f"cannot read image {source}: {err}; remove or replace the file")
+    return DataError(unreadable_message(source, err))
 
 
 def to_rgb(img: Image.Image, source: str) -> Image.Image:

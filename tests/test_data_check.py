@@ -71,6 +71,18 @@ def test_a_bad_validation_image_stops_training_before_the_first_step(tmp_path, c
         and f"1 of 9 validation images under {data} are unreadable: cannot read image {bad}" in errors[0]
     )
     assert "Train: [" not in log  # no epoch was spent first
+    assert errors[0].count("remove or replace") == 1  # the fix is said once, after the files
+
+
+def test_a_file_that_is_no_image_is_named_plainly(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    bad = data / "val" / "a" / "0.jpg"
+    bad.write_text("not a picture")
+    out = tmp_path / "out"
+    assert main.main([str(a) for a in main_args(data, out)[1:]]) == 2
+    errors = [line for line in log_of(out).splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"cannot read image {bad}: not an image file PIL can identify;" in errors[0]
+    assert "<_io" not in errors[0]  # PIL's own message names its file object, not the file
 
 
 def test_check_data_reads_both_splits_and_leaves_the_training_files_alone(tmp_path):
